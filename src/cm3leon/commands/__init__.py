@@ -1,0 +1,1 @@
+"""Subcommands of the ``cm3leon`` CLI, one module per stage."""
