@@ -31,7 +31,7 @@ class ImageSegment:
     codes: tuple[int, ...]
 
 
-Segment = Union[TextSegment, ImageSegment]
+Segment = TextSegment | ImageSegment
 
 
 @dataclass(frozen=True)
