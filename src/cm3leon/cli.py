@@ -14,7 +14,8 @@ COMMAND_MODULES = [
     "data",        # cm3leon data shapes|inspect|tokenize
     "tokenizer",   # cm3leon tokenizer train-text|train-image|convert
     "retrieval",   # cm3leon retrieval train-encoder ; cm3leon index build|search
-    "train",       # cm3leon train ; cm3leon sft ; cm3leon export-hf
+    "train",       # cm3leon train ; cm3leon sft
+    "export",      # cm3leon export-hf|import-hf
     "generate",    # cm3leon generate|caption|ask|edit|control|infill
     "eval",        # cm3leon eval
     "quickstart",  # cm3leon quickstart
