@@ -1,0 +1,201 @@
+"""The CM3Leon decoder: an OPT-style pre-LayerNorm transformer (paper §2.3, Table 3).
+
+Compared to OPT (Zhang et al. 2022) the paper removes every bias term, dropout and the
+LayerNorm affine parameters, and initializes weights from a truncated normal (std 0.006,
+cut at 3 std), the learned absolute positional embedding with std 0.0002 and the
+(untied) output layer with zeros. This file holds the architecture only: no loss, no
+sampling, no training infrastructure. The static KV cache used for decoding lives in
+``kv_cache.py`` and drives :meth:`Transformer.forward_cached`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cm3leon.config import ModelConfig
+
+
+def positions_from_valid(valid: Tensor) -> Tensor:
+    """Per-token positions for a left-padded batch: the number of valid tokens before it.
+
+    ``valid`` is Bool[B, T]; pads get position 0 (they are masked out anyway).
+    """
+    v = valid.long()
+    return ((v.cumsum(dim=1) - 1) * v).clamp_(min=0)
+
+
+def padded_causal_mask(valid: Tensor) -> Tensor:
+    """Bool[B, 1, T, T] attention mask: causal, never attending to pad keys.
+
+    A query always sees itself, so pad query rows (whose earlier keys are all pads) stay
+    finite instead of producing NaN from an all-masked softmax row.
+    """
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril_()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    return (causal & valid[:, None, None, :]) | eye  # (B, 1, T, T)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention without biases, via ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # q, k, v stacked on dim 0
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        slots: Tensor | None = None,
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        if kv is not None:
+            # Write the new keys/values into the static buffers, then attend over all of them.
+            k_buf, v_buf = kv  # (B, nh, S, hd)
+            k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
+            v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
+            q, k, v = q.to(k_buf.dtype), k_buf, v_buf
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward block: Linear -> activation -> Linear, no biases."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN decoder block: x + attn(ln(x)), then x + mlp(ln(x)). LayerNorms have no parameters."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        slots: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask, kv, slots)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer over the unified text+image vocabulary.
+
+    Set ``model.gradient_checkpointing = True`` to recompute each block in the backward
+    pass (activation checkpointing) while training.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Paper §2.3 init: trunc-normal(0, std, ±3 std) everywhere, pos-emb std 0.0002, LM head 0."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name == "pos_emb.weight":
+                ps = self.cfg.pos_init_std
+                nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
+            elif name == "lm_head.weight":
+                nn.init.zeros_(p)
+            else:
+                nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        """Number of parameters; ``non_embedding`` leaves out the token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be Long[B, T], got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
+        if positions is not None and positions.shape != ids.shape:
+            raise ValueError(f"positions shape {tuple(positions.shape)} must equal ids shape {tuple(ids.shape)}")
+
+    def forward(
+        self, ids: Tensor, positions: Tensor | None = None, *, key_valid: Tensor | None = None
+    ) -> Tensor:
+        """Causal forward over ``ids`` Long[B, T] -> logits Float[B, T, V].
+
+        ``positions`` defaults to 0..T-1 (use :func:`positions_from_valid` for left-padded
+        batches). ``key_valid`` Bool[B, T] is False on left padding: those keys are never
+        attended; pad query rows still produce finite (meaningless) values.
+        """
+        self._check_inputs(ids, positions)
+        B, T = ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)
+        attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
+        x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    def forward_cached(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        *,
+        kv: list[tuple[Tensor, Tensor]],
+        slots: Tensor,
+        attn_mask: Tensor,
+    ) -> Tensor:
+        """Forward of new tokens against a static KV cache (used by ``kv_cache.py``).
+
+        Each layer writes its keys/values for ``ids`` Long[B, T] into ``kv[layer]``
+        (two Float[B, nh, S, hd] buffers) at ``slots`` Long[T], then attends over the
+        whole buffer under ``attn_mask`` Bool[B, 1, T, S]. Returns logits Float[B, T, V].
+        """
+        x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
+        for block, layer_kv in zip(self.blocks, kv):
+            x = block(x, attn_mask, layer_kv, slots)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
