@@ -1,0 +1,503 @@
+"""Image tokenizer: a VQ-GAN of the taming-transformers family (paper §2.1: 256 px ->
+32x32 = 1024 codes from a codebook of 8192, the Make-a-Scene tokenizer of Gafni et al.).
+
+``ImageTokenizer`` turns images ``Float[B,3,H,W]`` in [-1, 1] into codes ``Long[B, L]``
+(L = (H/f)^2, row-major over the latent grid) and back. Parameter names follow taming's
+``VQModel`` (``encoder.conv_in``, ``encoder.down.0.block.0.norm1``, ...,
+``quantize.embedding.weight``, ``quant_conv``, ``post_quant_conv``, ``decoder.up...``) so a
+taming-format state dict loads without renaming; the adapters for other layouts live in
+:mod:`cm3leon.tokenize.image_vq_convert`. Training lives in
+:mod:`cm3leon.tokenize.image_vq_train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cm3leon.tokenize.image_vq_preprocess import MAX_IMAGE_PIXELS, images_to_tensor, tensor_to_images
+from cm3leon.tokenize.image_vq_quantizer import QUANTIZER_KINDS, QuantizerOutput, VectorQuantizer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+KIND = "cm3leon-image-vq"
+FORMAT_VERSION = 1
+
+
+# ---- config ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VQConfig:
+    """Shape of the VQ-GAN (taming's ``ddconfig`` + quantizer settings).
+
+    The downsampling factor is ``f = 2 ** (len(ch_mult) - 1)``; an image of
+    ``resolution`` px becomes a ``(resolution/f)^2`` grid of codes.
+    """
+
+    resolution: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (32,)
+    mid_attn: bool = True  # taming and Chameleon always have encoder/decoder.mid.attn_1
+    z_channels: int = 256
+    embed_dim: int = 256  # code dimension (8 for LlamaGen-style factorized codes)
+    codebook_size: int = 8192
+    quantizer: str = "classic"  # "classic" | "ema"
+    l2_norm_codes: bool = False  # ViT-VQGAN / LlamaGen: l2-normalize z and codebook
+    beta: float = 0.25  # commitment weight
+    ema_decay: float = 0.99
+    num_groups: int = 32  # GroupNorm groups (taming: 32)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if not self.ch_mult:
+            raise ValueError("VQConfig.ch_mult must have at least one level")
+        for name in ("resolution", "in_channels", "out_channels", "ch", "num_res_blocks", "z_channels",
+                     "embed_dim", "codebook_size", "num_groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VQConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(
+                f"VQConfig.resolution={self.resolution} is not divisible by the downsampling factor "
+                f"{self.downsample_factor} = 2**(len(ch_mult)-1)"
+            )
+        for m in self.ch_mult:
+            if (self.ch * m) % self.num_groups:
+                raise ValueError(f"channels ch*{m}={self.ch * m} are not divisible by num_groups={self.num_groups}")
+        if self.quantizer not in QUANTIZER_KINDS:
+            raise ValueError(f"VQConfig.quantizer must be one of {QUANTIZER_KINDS}, got {self.quantizer!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the latent grid (resolution / f)."""
+        return self.resolution // self.downsample_factor
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_size**2
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> VQConfig:
+        """A named preset (see :data:`VQ_PRESETS`) with optional overrides."""
+        if name not in VQ_PRESETS:
+            raise ValueError(f"unknown image tokenizer preset {name!r}; choose one of {sorted(VQ_PRESETS)}")
+        return dataclasses.replace(VQ_PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VQConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"VQConfig: unknown fields {sorted(unknown)} (known: {sorted(names)})")
+        return cls(**d)
+
+
+VQ_PRESETS: dict[str, VQConfig] = {
+    # 32 px -> 8x8 = 64 tokens (f=4); small enough to train on a CPU in minutes.
+    "shapes-32": VQConfig(
+        resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
+        z_channels=64, embed_dim=8, codebook_size=512, l2_norm_codes=True, num_groups=8,
+    ),
+    # 64 px -> 8x8 = 64 tokens (f=8).
+    "shapes-64": VQConfig(
+        resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
+        z_channels=64, embed_dim=8, codebook_size=1024, l2_norm_codes=True, num_groups=8,
+    ),
+    # Paper scale: 256 px -> 32x32 = 1024 tokens, 8192 codes, f=8, taming-like channels.
+    "paper-256": VQConfig(
+        resolution=256, ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(32,),
+        z_channels=256, embed_dim=256, codebook_size=8192,
+    ),
+    # Chameleon's released tokenizer (HF ChameleonVQVAEConfig defaults): 512 px -> 32x32, f=16.
+    "chameleon-512": VQConfig(
+        resolution=512, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(),
+        z_channels=256, embed_dim=256, codebook_size=8192,
+    ),
+}
+
+
+# ---- building blocks (taming layout) -------------------------------------------------
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> swish -> conv, twice, plus a (1x1 ``nin_shortcut``) residual."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (1x1 q/k/v/proj_out)."""
+
+    def __init__(self, channels: int, *, groups: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, 1, c, h * w).transpose(2, 3)  # (B, 1, hw, C)
+
+        a = F.scaled_dot_product_attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)))
+        a = a.transpose(2, 3).reshape(b, c, h, w)  # (B, C, h, w)
+        return x + self.proj_out(a)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with taming's asymmetric (right/bottom) zero padding."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2 upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
+    m = nn.Module()
+    m.block = nn.ModuleList(blocks)
+    m.attn = nn.ModuleList(attns)
+    return m
+
+
+def _mid(channels: int, cfg: VQConfig) -> nn.Module:
+    m = nn.Module()
+    m.block_1 = ResnetBlock(channels, channels, groups=cfg.num_groups, dropout=cfg.dropout)
+    m.attn_1 = AttnBlock(channels, groups=cfg.num_groups) if cfg.mid_attn else nn.Identity()
+    m.block_2 = ResnetBlock(channels, channels, groups=cfg.num_groups, dropout=cfg.dropout)
+    return m
+
+
+class Encoder(nn.Module):
+    """Image [B, C_in, H, W] -> latent [B, z_channels, H/f, W/f]."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        g, n = cfg.num_groups, len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        in_mult = (1,) + cfg.ch_mult
+        res = cfg.resolution
+        self.down = nn.ModuleList()
+        for i in range(n):
+            c_in, c_out = cfg.ch * in_mult[i], cfg.ch * cfg.ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(c_in, c_out, groups=g, dropout=cfg.dropout))
+                c_in = c_out
+                if res in cfg.attn_resolutions:
+                    attns.append(AttnBlock(c_in, groups=g))
+            level = _level(blocks, attns)
+            if i != n - 1:
+                level.downsample = Downsample(c_in)
+                res //= 2
+            self.down.append(level)
+        self.mid = _mid(c_in, cfg)
+        self.norm_out = _norm(c_in, g)
+        self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i, level in enumerate(self.down):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != len(self.down) - 1:
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, z_channels, h, w] -> image [B, C_out, h*f, w*f]."""
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        g, n = cfg.num_groups, len(cfg.ch_mult)
+        c_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.grid_size
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.mid = _mid(c_in, cfg)
+        up: list[nn.Module] = []
+        for i in reversed(range(n)):
+            c_out = cfg.ch * cfg.ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(c_in, c_out, groups=g, dropout=cfg.dropout))
+                c_in = c_out
+                if res in cfg.attn_resolutions:
+                    attns.append(AttnBlock(c_in, groups=g))
+            level = _level(blocks, attns)
+            if i != 0:
+                level.upsample = Upsample(c_in)
+                res *= 2
+            up.insert(0, level)  # taming stores levels in resolution order: up.0 is full size
+        self.up = nn.ModuleList(up)
+        self.norm_out = _norm(c_in, g)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != 0:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ---- the tokenizer -----------------------------------------------------------------
+@dataclass
+class VQOutput:
+    """Result of a training forward pass."""
+
+    recon: torch.Tensor  # [B, 3, H, W] (not clamped)
+    quant: QuantizerOutput
+
+
+class ImageTokenizer(nn.Module):
+    """VQ-GAN image tokenizer: ``encode`` images to codes, ``decode`` codes to images.
+
+    Codes are row-major over the ``grid_size x grid_size`` latent grid. The quantizer and
+    the decoder always run in float32 (autocast is switched off around them), so codes do
+    not depend on the encoder's autocast dtype more than its rounding does.
+    """
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.quantize = VectorQuantizer(
+            cfg.codebook_size, cfg.embed_dim, kind=cfg.quantizer, beta=cfg.beta,
+            l2_norm=cfg.l2_norm_codes, ema_decay=cfg.ema_decay,
+        )
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    # ---- shape facts ---------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        """L: codes per image."""
+        return self.cfg.tokens_per_image
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution
+
+    @property
+    def grid_size(self) -> int:
+        return self.cfg.grid_size
+
+    # ---- pieces --------------------------------------------------------------------
+    def _check_images(self, x: torch.Tensor) -> None:
+        r = self.cfg.resolution
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[2] != r or x.shape[3] != r:
+            raise ValueError(
+                f"expected images Float[B,{self.cfg.in_channels},{r},{r}] in [-1,1], got {tuple(x.shape)}; "
+                "use ImageTokenizer.preprocess to resize/crop PIL images"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"expected a float tensor in [-1,1], got dtype {x.dtype} (use preprocess)")
+
+    def quantize_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Encoder output [B, z, h, w] and its quantization (quant_conv + quantizer in fp32)."""
+        h = self.encoder(x)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            q = self.quantize(self.quant_conv(h.float()))
+        return h, q
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized map [B, D, h, w] -> image [B, 3, H, W] (fp32, not clamped)."""
+        with torch.autocast(device_type=z_q.device.type, enabled=False):
+            return self.decoder(self.post_quant_conv(z_q.float()))
+
+    def forward(self, x: torch.Tensor) -> VQOutput:
+        """Training pass: reconstruct ``x`` through the codebook."""
+        self._check_images(x)
+        _, q = self.quantize_latents(x)
+        return VQOutput(recon=self.decode_latents(q.z_q), quant=q)
+
+    # ---- public API ----------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images Float[B,3,H,W] in [-1,1] (H = W = resolution) -> codes Long[B, L]."""
+        self._check_images(x)
+        _, q = self.quantize_latents(x)
+        return q.indices.flatten(1)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes Long[B, L] -> images Float[B,3,H,W] clamped to [-1,1]."""
+        if codes.ndim != 2 or codes.shape[1] != self.tokens_per_image:
+            raise ValueError(
+                f"expected codes Long[B, {self.tokens_per_image}] ({self.grid_size}x{self.grid_size} grid), "
+                f"got shape {tuple(codes.shape)}"
+            )
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]; "
+                "convert unified ids with Vocab.ids_to_codes first"
+            )
+        g = self.grid_size
+        z_q = self.quantize.lookup(codes.long().view(-1, g, g))
+        return self.decode_latents(z_q).clamp(-1.0, 1.0)
+
+    def preprocess(self, images: list[Image.Image | str | Path], *, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+        """PIL images (or paths) -> Float[B,3,R,R] in [-1,1]; policy in
+        :mod:`cm3leon.tokenize.image_vq_preprocess` (shorter side resize + center crop)."""
+        return images_to_tensor(images, self.cfg.resolution, max_pixels=max_pixels)
+
+    @staticmethod
+    def postprocess(x: torch.Tensor) -> list[Image.Image]:
+        """Float[B,3,H,W] in [-1,1] -> RGB PIL images."""
+        return tensor_to_images(x)
+
+    # ---- persistence ---------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = d / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "kind": KIND})
+        os.replace(tmp, d / WEIGHTS_FILE)
+        cfg = {"kind": KIND, "format_version": FORMAT_VERSION, **self.cfg.to_dict()}
+        tmpc = d / (CONFIG_FILE + ".tmp")
+        tmpc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        os.replace(tmpc, d / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu") -> ImageTokenizer:
+        """Load a directory written by :meth:`save_pretrained` (strict: every key, every shape)."""
+        d = Path(directory)
+        cfg = load_vq_config(d / CONFIG_FILE)
+        model = cls(cfg)
+        sd = read_safetensors(d / WEIGHTS_FILE)
+        load_state_dict_strict(model, sd, source=str(d / WEIGHTS_FILE))
+        return model.to(map_location).eval()
+
+
+def load_vq_config(path: str | Path) -> VQConfig:
+    """Read an image tokenizer ``config.json`` with a clear error when missing or wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: not an image tokenizer directory (train one with "
+            "`cm3leon tokenizer train-image` or convert weights with `cm3leon tokenizer convert`)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from e
+    if not isinstance(raw, dict) or raw.pop("kind", None) != KIND:
+        raise ValueError(f"{path} is not a {KIND} config (missing or wrong 'kind')")
+    version = raw.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
+    return VQConfig.from_dict(raw)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with clear errors for missing/corrupt files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (weights file missing)")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated") from e
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy ``sd`` into ``model`` requiring the exact key set and every shape to match."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: state dict does not match the model config: "
+            f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
+            f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}); "
+            "check that config.json belongs to these weights"
+        )
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(
+                f"{source}: shape mismatch for {k}: checkpoint has {tuple(v.shape)}, model expects "
+                f"{tuple(own[k].shape)}; the config does not match these weights"
+            )
+    model.load_state_dict(sd, strict=True)
