@@ -1,0 +1,168 @@
+"""Static KV cache: prefill + decode_one_token must reproduce the full forward exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cm3leon.config import ModelConfig
+from cm3leon.model.kv_cache import KVCache, decode_one_token, prefill
+from cm3leon.model.transformer import Transformer
+
+V = 101
+
+
+def randomized(seed: int = 0, **kw) -> Transformer:
+    base = dict(d_model=32, n_layers=3, n_heads=4, max_seq_len=64)
+    base.update(kw)
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(vocab_size=V, **base)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.normal_(std=0.05)
+        m.pos_emb.weight.normal_(std=0.05)
+    return m
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = p
+        valid[i, T - len(p) :] = True
+    return ids, valid
+
+
+def cached_logits(model, prompts, continuations, max_len) -> list[torch.Tensor]:
+    """Per row: next-token logits after the prompt and after each fed continuation token."""
+    ids, valid = left_pad(prompts)
+    cache = KVCache.allocate(model.cfg, len(prompts), max_len)
+    steps = [prefill(model, ids, valid, cache)[:, -1]]
+    for j in range(continuations.shape[1]):
+        steps.append(decode_one_token(model, continuations[:, j : j + 1], cache))
+    return [torch.stack([s[i] for s in steps]) for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@torch.no_grad()
+def test_cached_decoding_equals_full_forward_per_row(activation):
+    model = randomized(activation=activation)
+    torch.manual_seed(1)
+    lens, n_new = [7, 2, 12, 1], 9
+    prompts = [torch.randint(4, V, (n,)) for n in lens]
+    cont = torch.randint(4, V, (len(lens), n_new))
+    got = cached_logits(model, prompts, cont, max_len=max(lens) + n_new + 3)
+    for i, p in enumerate(prompts):
+        full = model(torch.cat([p, cont[i]])[None])[0]  # the row alone, no padding
+        want = full[len(p) - 1 :]  # logits after the prompt, then after each continuation token
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_prefill_logits_equal_padded_forward():
+    model = randomized()
+    ids, valid = left_pad([torch.randint(4, V, (n,)) for n in (5, 9, 3)])
+    cache = KVCache.allocate(model.cfg, 3, 16)
+    from cm3leon.model.transformer import positions_from_valid
+
+    full = model(ids, positions_from_valid(valid), key_valid=valid)
+    out = prefill(model, ids, valid, cache)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[valid], full[valid], atol=1e-5, rtol=0)
+    assert cache.pos.tolist() == [5, 9, 3]
+    assert cache.length == 9
+
+
+@torch.no_grad()
+def test_cache_reuse_after_prefill_resets_state():
+    model = randomized()
+    torch.manual_seed(2)
+    first = [torch.randint(4, V, (n,)) for n in (6, 3)]
+    second = [torch.randint(4, V, (n,)) for n in (2, 5)]
+    cont = torch.randint(4, V, (2, 4))
+    fresh = cached_logits(model, second, cont, max_len=12)
+    # Same cache object: run a first batch to the end, then the second batch.
+    cache = KVCache.allocate(model.cfg, 2, 12)
+    ids, valid = left_pad(first)
+    prefill(model, ids, valid, cache)
+    for _ in range(5):
+        decode_one_token(model, torch.randint(4, V, (2, 1)), cache)
+    ids, valid = left_pad(second)
+    steps = [prefill(model, ids, valid, cache)[:, -1]]
+    for j in range(4):
+        steps.append(decode_one_token(model, cont[:, j : j + 1], cache))
+    for i in range(2):
+        torch.testing.assert_close(torch.stack([s[i] for s in steps]), fresh[i], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_model_is_not_mutated_and_cache_is_a_separate_module():
+    model = randomized()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = KVCache.allocate(model.cfg, 2, 10)
+    ids, valid = left_pad([torch.randint(4, V, (n,)) for n in (3, 4)])
+    prefill(model, ids, valid, cache)
+    decode_one_token(model, ids[:, -1:], cache)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not list(model.buffers())
+    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot"}
+    assert cache.k.shape == (3, 2, 4, 10, 8)
+
+
+@torch.no_grad()
+def test_bf16_cache_tracks_fp32_forward():
+    model = randomized()
+    prompts = [torch.randint(4, V, (n,)) for n in (4, 6)]
+    cont = torch.randint(4, V, (2, 3))
+    ids, valid = left_pad(prompts)
+    cache = KVCache.allocate(model.cfg, 2, 12, dtype=torch.bfloat16)
+    assert cache.k.dtype == torch.bfloat16
+    steps = [prefill(model, ids, valid, cache)[:, -1]]
+    steps += [decode_one_token(model, cont[:, j : j + 1], cache) for j in range(3)]
+    for i, p in enumerate(prompts):
+        want = model(torch.cat([p, cont[i]])[None])[0, len(p) - 1 :]
+        got = torch.stack([s[i] for s in steps])
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+
+
+def test_bad_usage_raises_clear_errors():
+    model = randomized()
+    with pytest.raises(ValueError, match="max_len=65"):
+        KVCache.allocate(model.cfg, 1, 65)
+    cache = KVCache.allocate(model.cfg, 2, 6)
+    ids, valid = left_pad([torch.randint(4, V, (n,)) for n in (4, 5)])
+    with pytest.raises(ValueError, match="allocated for 2"):
+        prefill(model, ids[:1], valid[:1], cache)
+    with pytest.raises(ValueError, match="Bool"):
+        prefill(model, ids, valid.long(), cache)
+    with pytest.raises(ValueError, match="exceeds the cache's max_len=6"):
+        prefill(model, torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 7, dtype=torch.bool), cache)
+    with torch.no_grad():
+        prefill(model, ids, valid, cache)
+        decode_one_token(model, ids[:, -1:], cache)
+        with pytest.raises(ValueError, match=r"must be \[2, 1\]"):
+            decode_one_token(model, ids[:, -2:], cache)
+        with pytest.raises(ValueError, match="cache is full"):
+            decode_one_token(model, ids[:, -1:], cache)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decode_matches_eager_without_recompiling():
+    model = randomized()
+    prompts = [torch.randint(4, V, (n,)) for n in (5, 8)]
+    cont = torch.randint(4, V, (2, 6))
+    eager = cached_logits(model, prompts, cont, max_len=20)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    step = torch.compile(decode_one_token, fullgraph=True)
+    ids, valid = left_pad(prompts)
+    cache = KVCache.allocate(model.cfg, 2, 20)
+    steps = [prefill(model, ids, valid, cache)[:, -1]]
+    steps += [step(model, cont[:, j : j + 1], cache) for j in range(6)]
+    for i in range(2):
+        torch.testing.assert_close(torch.stack([s[i] for s in steps]), eager[i], atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
