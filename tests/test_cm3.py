@@ -20,7 +20,7 @@ from cm3leon.sequence.cm3 import (
     sample_spans,
     segment_ranges,
 )
-from cm3leon.sequence.document import Document, split_documents
+from cm3leon.sequence.document import Document, ImageSegment, TextSegment, split_documents
 from cm3leon.vocab import Vocab
 
 V = Vocab(text_size=20, image_size=16, image_seq_len=4, n_masks=8)
@@ -112,8 +112,6 @@ segment = st.one_of(
 
 
 def to_doc(segs: list[tuple[str, list[int]]]) -> list[int]:
-    from cm3leon.sequence.document import ImageSegment, TextSegment
-
     return Document(
         tuple(TextSegment(tuple(v)) if k == "t" else ImageSegment(tuple(v)) for k, v in segs)
     ).to_ids(V)
