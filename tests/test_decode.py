@@ -1,0 +1,200 @@
+"""KV-cached batched decoding (generate/decode.py) on a tiny random model with a non-zero LM head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cm3leon.config import ModelConfig
+from cm3leon.generate.decode import decode_streams, generate_image_tokens, generate_text, sample_mix
+from cm3leon.generate.guidance import unconditional_prompt
+from cm3leon.generate.logits import SamplingConfig, image_allowed, text_allowed
+from cm3leon.model.transformer import Transformer
+from cm3leon.vocab import Vocab
+
+V = Vocab(text_size=40, image_size=24, image_seq_len=12)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=V.size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64))
+    with torch.no_grad():  # the paper zero-inits the head; a random one makes logits informative
+        torch.nn.init.normal_(m.lm_head.weight, std=1.0)
+    return m.eval()
+
+
+def _prompt(*bpe: int) -> list[int]:
+    return [V.eos_id, *V.text_to_ids(list(bpe)), V.break_id]
+
+
+PROMPTS = [_prompt(1, 2, 3, 4, 5), _prompt(7), _prompt(9, 9, 3)]
+
+
+def _full_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([seq]))[0]  # (T, V)
+
+
+def test_cached_cfg_streams_equal_full_forward_of_each_sequence(model: Transformer) -> None:
+    cfg = SamplingConfig(guidance=3.0, seed=5)
+    n = 2
+    cond = [p for p in PROMPTS for _ in range(n)]
+    unc = [unconditional_prompt(p, V) for p in cond]
+    seen: list[torch.Tensor] = []
+    out = decode_streams(
+        model, V, [cond, unc], cfg, n_new=V.image_seq_len, allowed=image_allowed(V),
+        on_logits=lambda i, lg: seen.append(lg.clone()),
+    )
+    assert len(seen) == V.image_seq_len
+    for s, stream in enumerate([cond, unc]):
+        for b, prompt in enumerate(stream):
+            full = _full_logits(model, prompt + out[b].tolist())
+            for i in range(V.image_seq_len):
+                torch.testing.assert_close(seen[i][s, b], full[len(prompt) - 1 + i], atol=1e-4, rtol=1e-4)
+
+
+def _naive_greedy_cfg(model: Transformer, prompt: list[int], scale: float) -> list[int]:
+    """Reference: no cache, no batching; full forward of cond and uncond every step."""
+    cond, unc = list(prompt), unconditional_prompt(prompt, V)
+    img = image_allowed(V)
+    toks = []
+    for _ in range(V.image_seq_len):
+        c, u = _full_logits(model, cond)[-1], _full_logits(model, unc)[-1]
+        mixed = (u + scale * (c - u)).masked_fill(~img, float("-inf"))
+        t = int(mixed.argmax())
+        toks.append(t)
+        cond.append(t)
+        unc.append(t)
+    return toks
+
+
+def test_greedy_cfg_equals_naive_reference(model: Transformer) -> None:
+    cfg = SamplingConfig(greedy=True, guidance=3.0)
+    got = generate_image_tokens(model, V, PROMPTS, cfg)
+    for b, p in enumerate(PROMPTS):
+        assert V.codes_to_ids(got[b].tolist()) == _naive_greedy_cfg(model, p, 3.0)
+
+
+def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(model: Transformer) -> None:
+    base = SamplingConfig(seed=11, top_p=0.95, temperature=1.3)
+    unc = [unconditional_prompt(p, V) for p in PROMPTS]
+    plain_cond = generate_image_tokens(model, V, PROMPTS, dataclasses.replace(base, guidance=1.0), n_per_prompt=2)
+    cfg_one = generate_image_tokens(
+        model, V, PROMPTS, dataclasses.replace(base, guidance=1.0), uncond_prompts=unc, n_per_prompt=2
+    )
+    assert torch.equal(cfg_one, plain_cond)
+    plain_unc = generate_image_tokens(model, V, unc, dataclasses.replace(base, guidance=1.0), n_per_prompt=2)
+    cfg_zero = generate_image_tokens(
+        model, V, PROMPTS, dataclasses.replace(base, guidance=0.0), uncond_prompts=unc, n_per_prompt=2
+    )
+    assert torch.equal(cfg_zero, plain_unc)
+    assert not torch.equal(plain_cond, plain_unc)  # the two streams do differ
+    inst_one = generate_image_tokens(
+        model, V, PROMPTS, dataclasses.replace(base, image_guidance=1.0, text_guidance=1.0), instruct=True,
+        n_per_prompt=2,
+    )
+    assert torch.equal(inst_one, plain_cond)
+
+
+def test_every_image_has_exactly_L_codes_and_seeds_reproduce(model: Transformer) -> None:
+    cfg = SamplingConfig(seed=3)
+    a = generate_image_tokens(model, V, PROMPTS, cfg, n_per_prompt=3)
+    assert a.shape == (len(PROMPTS) * 3, V.image_seq_len) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < V.image_size
+    assert torch.equal(a, generate_image_tokens(model, V, PROMPTS, cfg, n_per_prompt=3))
+    assert not torch.equal(a, generate_image_tokens(model, V, PROMPTS, dataclasses.replace(cfg, seed=4), n_per_prompt=3))
+
+
+def test_greedy_is_deterministic_and_independent_of_batch(model: Transformer) -> None:
+    cfg = SamplingConfig(greedy=True, guidance=2.0)
+    batch = generate_image_tokens(model, V, PROMPTS, cfg)
+    assert torch.equal(batch, generate_image_tokens(model, V, PROMPTS, cfg))
+    for b, p in enumerate(PROMPTS):
+        assert torch.equal(generate_image_tokens(model, V, [p], cfg)[0], batch[b])
+
+
+def test_callback_streams_partial_images(model: Transformer) -> None:
+    calls: list[tuple[int, torch.Tensor]] = []
+    out = generate_image_tokens(
+        model, V, PROMPTS[:2], SamplingConfig(seed=1), callback=lambda n, t: calls.append((n, t)), callback_every=5
+    )
+    assert [n for n, _ in calls] == [5, 10, 12]
+    for n, t in calls:
+        assert torch.equal(t, out[:, :n])
+
+
+def test_sample_mix_halves_match_cfg_and_cdk(model: Transformer) -> None:
+    cfg = SamplingConfig(greedy=True, guidance=3.0, cd_k=4, cd_alpha=0.2)
+    codes, is_cdk = sample_mix(model, V, PROMPTS, cfg, n_per_prompt=4)
+    assert codes.shape == (12, V.image_seq_len)
+    assert is_cdk.tolist() == [False, False, True, True] * 3
+    cfg_rows = generate_image_tokens(model, V, PROMPTS, dataclasses.replace(cfg, cd_k=None))
+    cdk_rows = generate_image_tokens(model, V, PROMPTS, cfg)
+    for p in range(3):
+        assert torch.equal(codes[4 * p], cfg_rows[p]) and torch.equal(codes[4 * p + 1], cfg_rows[p])
+        assert torch.equal(codes[4 * p + 2], cdk_rows[p]) and torch.equal(codes[4 * p + 3], cdk_rows[p])
+
+
+@pytest.fixture(scope="module")
+def eos_model(model: Transformer) -> Transformer:
+    """The tiny model with a boosted <eos> row so that some texts stop early."""
+    m = Transformer(model.cfg)
+    m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        m.lm_head.weight[V.eos_id] *= 4.0
+    return m.eval()
+
+
+def _naive_greedy_text(model: Transformer, prompt: list[int], max_new: int) -> list[int]:
+    seq, out = list(prompt), []
+    allowed = text_allowed(V)
+    for _ in range(max_new):
+        t = int(_full_logits(model, seq)[-1].masked_fill(~allowed, float("-inf")).argmax())
+        if t in (V.eos_id, V.break_id):
+            break
+        out.append(t)
+        seq.append(t)
+    return out
+
+
+def test_text_stops_at_eos_and_matches_naive_reference(eos_model: Transformer) -> None:
+    prompts = [[V.eos_id, *V.codes_to_ids(list(range(i, i + 12))), V.break_id] for i in range(6)]
+    max_new = 10
+    got = generate_text(eos_model, V, prompts, SamplingConfig(greedy=True), max_new_tokens=max_new)
+    assert got == [_naive_greedy_text(eos_model, p, max_new) for p in prompts]
+    assert any(len(r) < max_new for r in got), "fixture should make some rows stop early"
+    assert any(len(r) > 0 for r in got)
+    assert all(V.text_offset <= t < V.image_offset for r in got for t in r)
+
+
+def test_text_sampling_only_text_ids_and_no_repeat(model: Transformer) -> None:
+    got = generate_text(model, V, PROMPTS, SamplingConfig(seed=2, no_repeat_ngram=1), max_new_tokens=15)
+    for p, r in zip(PROMPTS, got):
+        assert all(V.text_offset <= t < V.image_offset for t in r)
+        assert len(set(r)) == len(r) and not set(r) & set(p)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: generate_image_tokens(m, V, [], SamplingConfig()), "non-empty"),
+        (lambda m: generate_image_tokens(m, V, [[]], SamplingConfig()), "empty"),
+        (lambda m: generate_image_tokens(m, V, [_prompt(*range(60))], SamplingConfig()), "max_seq_len"),
+        (lambda m: generate_image_tokens(m, V, PROMPTS, SamplingConfig(), n_per_prompt=0), "n_per_prompt"),
+        (lambda m: generate_image_tokens(m, V, [[V.eos_id, 20]], SamplingConfig()), "break"),
+        (lambda m: generate_image_tokens(m, V, [[V.eos_id, V.size, V.break_id]], SamplingConfig()), "outside"),
+        (lambda m: generate_image_tokens(m, V, PROMPTS, SamplingConfig(), uncond_prompts=PROMPTS[:1]), "one each"),
+        (lambda m: generate_image_tokens(m, Vocab(10, 10, 4), PROMPTS, SamplingConfig()), "vocab"),
+        (lambda m: generate_text(m, V, PROMPTS, SamplingConfig(), max_new_tokens=0), "max_new_tokens"),
+        (lambda m: generate_text(m, V, PROMPTS, SamplingConfig(cd_k=3), max_new_tokens=4), "uncond"),
+        (lambda m: sample_mix(m, V, PROMPTS, SamplingConfig(), n_per_prompt=-2), "n_per_prompt"),
+    ],
+)
+def test_bad_input_is_refused_clearly(model: Transformer, call, match: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    with pytest.raises(ValueError, match="guidance"):
+        SamplingConfig(guidance=float("nan"))
