@@ -467,13 +467,26 @@ class Dataset(Sequence[DocRecord]):
             meta["images"] = LazyImages(extras)
         return DocRecord(id=rid, text=cols["text"][r] if "text" in cols else None, image=image, meta=meta)
 
-    def __iter__(self) -> Iterator[DocRecord]:
+    def _groups(self) -> Iterator[dict[str, list[Any]]]:
         for k in range(len(self._parts)):
             f = self._file(k)
             for g in range(f.metadata.num_row_groups):
-                cols = f.read_row_group(g, columns=self._part_columns(f)).to_pydict()
-                for r in range(len(cols["id"])):
+                yield f.read_row_group(g, columns=self._part_columns(f)).to_pydict()
+
+    def __iter__(self) -> Iterator[DocRecord]:
+        for cols in self._groups():
+            for r in range(len(cols["id"])):
+                yield self._row_to_record(cols, r)
+
+    def iter_checked(self) -> Iterator[DocRecord | BadImageError]:
+        """Like ``iter(ds)``, but a row whose image cannot be decoded yields its
+        :class:`BadImageError` (``reason`` says why) instead of raising."""
+        for cols in self._groups():
+            for r in range(len(cols["id"])):
+                try:
                     yield self._row_to_record(cols, r)
+                except BadImageError as e:
+                    yield e
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         """Raw rows (bytes and JSON strings, nothing decoded) of the selected columns."""
