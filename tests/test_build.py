@@ -50,18 +50,15 @@ def shards(tmp_path: Path) -> Shards:
 
 
 def window_of(row: dict[str, torch.Tensor]) -> list[int]:
-    """The real ids of a row's window (ids + the last label)."""
-    ids, labels = row["ids"].tolist(), row["labels"].tolist()
-    real = [t for t, l in enumerate(labels) if l != IGNORE_INDEX]
-    n = real[-1] + 2 if real else 1
-    return ids[:n - 1] + [labels[n - 2]] if real else ids[:1]
+    """The real ids of a row."""
+    return [i for i, l in zip(row["ids"].tolist(), row["labels"].tolist()) if l != IGNORE_INDEX]
 
 
 def docs_of(window: list[int]) -> list[list[int]]:
     return [cm3_inverse(d, V) for d in split_documents(window, V)]
 
 
-def test_labels_are_next_tokens_and_pad_is_ignored(shards: Shards) -> None:
+def test_labels_are_ids_and_pad_is_ignored(shards: Shards) -> None:
     ds = PretrainDataset(shards, seq_len=96, seed=1)
     for i in range(10):
         row = ds[i]
@@ -70,7 +67,7 @@ def test_labels_are_next_tokens_and_pad_is_ignored(shards: Shards) -> None:
         real = ids != V.pad_id
         n = int(real.sum())
         assert bool(real[:n].all()) and not bool(real[n:].any())  # pad only at the end
-        assert torch.equal(labels[: n - 1], ids[1:n])
+        assert n > 0 and torch.equal(labels[:n], ids[:n])  # the trainer shifts (HF convention)
         assert bool((labels[n:] == IGNORE_INDEX).all())
 
 
@@ -152,7 +149,7 @@ def test_too_long_query_is_cut_at_a_segment_boundary(tmp_path: Path) -> None:
         w = window_of(PretrainDataset(sh, seq_len=30, seed=i, pack=False)[0])
         (doc,) = docs_of(w)
         assert V.break_id not in doc and doc == long_text[: len(doc)]  # caption only, image not cut
-        assert len(w) <= 31
+        assert len(w) <= 30
 
 
 def test_truncate_document_and_fit_example() -> None:
@@ -171,13 +168,13 @@ def test_truncate_document_and_fit_example() -> None:
 def test_to_row_and_collate() -> None:
     row = to_row([1, 10, 11, 12], 6, V)
     assert row["ids"].tolist() == [1, 10, 11, 12, 0, 0]
-    assert row["labels"].tolist() == [10, 11, 12, -100, -100, -100]
-    full = to_row(list(range(1, 8)), 6, V)
-    assert full["labels"].tolist() == [2, 3, 4, 5, 6, 7]
+    assert row["labels"].tolist() == [1, 10, 11, 12, -100, -100]
+    full = to_row(list(range(1, 7)), 6, V)
+    assert full["labels"].tolist() == [1, 2, 3, 4, 5, 6]
     b = collate([row, full])
     assert b["ids"].shape == (2, 6)
     with pytest.raises(ValueError):
-        to_row(list(range(9)), 6, V)
+        to_row(list(range(7)), 6, V)
 
 
 def test_dataloader_and_clear_errors(shards: Shards) -> None:

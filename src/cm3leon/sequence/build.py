@@ -7,13 +7,13 @@ then the query document last. Each document is CM3-transformed independently
 ``<eos>``). The loss is plain next-token prediction over every real token: the query is
 not up-weighted (§2.2).
 
-A *row* of ``seq_len`` tokens is built from a window of ``seq_len + 1`` tokens:
-``ids = window[:-1]``, ``labels = window[1:]`` (``labels[t]`` is the token that follows
-``ids[t]``; the trainer does NOT shift again), padded with ``<pad>`` / ``-100``.
+A *row* is ``{"ids": Long[seq_len], "labels": Long[seq_len]}`` with ``labels`` = ``ids``
+except ``-100`` on ``<pad>`` (the HF convention the trainer uses: the loss shifts,
+predicting ``labels[t+1]`` from position ``t``); rows are right-padded with ``<pad>``.
 
 Fitting (never cut an image in half):
 
-- if the example is longer than the window, retrieved documents are dropped (first ones
+- if the example is longer than ``seq_len``, retrieved documents are dropped (first ones
   first) until it fits;
 - a query that does not fit on its own is cut after its last whole segment that fits
   (a leading text segment may be cut anywhere; an image never); such rows are counted
@@ -90,14 +90,14 @@ def fit_example(docs: Sequence[Sequence[int]], budget: int) -> list[list[int]] |
 
 
 def to_row(window: Sequence[int], seq_len: int, vocab: Vocab) -> dict[str, torch.Tensor]:
-    """``{"ids", "labels"}`` Long[seq_len] from a window of at most ``seq_len + 1`` real ids."""
-    if len(window) > seq_len + 1:
-        raise ValueError(f"window of {len(window)} ids exceeds seq_len + 1 = {seq_len + 1}")
-    w = torch.full((seq_len + 1,), vocab.pad_id, dtype=torch.long)
-    w[: len(window)] = torch.as_tensor(list(window), dtype=torch.long)
-    labels = w[1:].clone()
-    labels[max(len(window) - 1, 0) :] = IGNORE_INDEX
-    return {"ids": w[:-1].clone(), "labels": labels}
+    """``{"ids", "labels"}`` Long[seq_len] from at most ``seq_len`` real ids (labels -100 on pad)."""
+    if len(window) > seq_len:
+        raise ValueError(f"window of {len(window)} ids exceeds seq_len = {seq_len}")
+    ids = torch.full((seq_len,), vocab.pad_id, dtype=torch.long)
+    ids[: len(window)] = torch.as_tensor(list(window), dtype=torch.long)
+    labels = ids.clone()
+    labels[len(window) :] = IGNORE_INDEX
+    return {"ids": ids, "labels": labels}
 
 
 def pack_row(
@@ -182,11 +182,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.max_fill_tries = max_fill_tries
         n = len(self.shards)
         self.order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        self.n_truncated_queries = int(np.sum(self.shards.lengths > seq_len + 1))
+        self.n_truncated_queries = int(np.sum(self.shards.lengths > seq_len))
         if self.n_truncated_queries:
             log.warning(
-                "%d of %d documents are longer than seq_len + 1 = %d and will be cut at a segment boundary",
-                self.n_truncated_queries, n, seq_len + 1,
+                "%d of %d documents are longer than seq_len = %d and will be cut at a segment boundary",
+                self.n_truncated_queries, n, seq_len,
             )
 
     def __len__(self) -> int:
@@ -235,6 +235,6 @@ class PretrainDataset(torch.utils.data.Dataset):
         rng = row_rng(self.seed, i)
         window = pack_row(
             int(self.order[i]), self.example, lambda r: r.randrange(len(self.shards)), rng,
-            self.seq_len + 1, pack=self.pack, max_fill_tries=self.max_fill_tries,
+            self.seq_len, pack=self.pack, max_fill_tries=self.max_fill_tries,
         )
         return to_row(window, self.seq_len, self.vocab)
