@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cm3leon.config import ModelConfig
 from cm3leon.generate.decode import decode_streams, generate_image_tokens, generate_text, sample_mix
 from cm3leon.generate.guidance import unconditional_prompt
 from cm3leon.generate.logits import SamplingConfig, image_allowed, text_allowed
+from cm3leon.generate.rerank import rerank, rerank_groups
 from cm3leon.model.transformer import Transformer
 from cm3leon.vocab import Vocab
 
@@ -198,3 +201,33 @@ def test_bad_input_is_refused_clearly(model: Transformer, call, match: str) -> N
         call(model)
     with pytest.raises(ValueError, match="guidance"):
         SamplingConfig(guidance=float("nan"))
+
+
+# ---- CLIP re-ranking (generate/rerank.py) ----------------------------------------------
+class _ColorEncoder:
+    """A toy two-tower encoder: text = one-hot colour name, image = its mean RGB (unnormalized)."""
+
+    def embed_text(self, texts):  # noqa: ANN001, ANN201
+        names = ["red", "green", "blue"]
+        return np.array([[float(t == n) for n in names] for t in texts], dtype=np.float32)
+
+    def embed_image(self, images):  # noqa: ANN001, ANN201
+        return np.array([np.asarray(im, dtype=np.float32).reshape(-1, 3).mean(0) for im in images])
+
+
+def _solid(rgb: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (4, 4), rgb)
+
+
+def test_rerank_orders_by_cosine() -> None:
+    cols = [(10, 200, 0), (200, 50, 0), (90, 90, 90), (255, 0, 0)]
+    r = rerank(_ColorEncoder(), "red", [_solid(c) for c in cols])
+    expect = [c[0] / np.sqrt(c[0] ** 2 + c[1] ** 2 + c[2] ** 2) for c in cols]
+    np.testing.assert_allclose(r.scores, expect, rtol=1e-5)
+    assert r.order == [3, 1, 2, 0] and r.best == 3
+    groups = rerank_groups(_ColorEncoder(), ["red", "green"], [_solid(c) for c in cols], n_per_prompt=2)
+    assert [g.order for g in groups] == [[1, 0], [0, 1]]  # local indices; green: (90,90,90) beats (255,0,0)
+    with pytest.raises(ValueError, match="expected 4"):
+        rerank_groups(_ColorEncoder(), ["red"], [_solid(c) for c in cols], n_per_prompt=2)
+    with pytest.raises(ValueError, match="no candidate"):
+        rerank(_ColorEncoder(), "red", [])
