@@ -227,7 +227,7 @@ def test_rerank_orders_by_cosine() -> None:
     assert r.order == [3, 1, 2, 0] and r.best == 3
     groups = rerank_groups(_ColorEncoder(), ["red", "green"], [_solid(c) for c in cols], n_per_prompt=2)
     assert [g.order for g in groups] == [[1, 0], [0, 1]]  # local indices; green: (90,90,90) beats (255,0,0)
-    with pytest.raises(ValueError, match="expected 4"):
+    with pytest.raises(ValueError, match="4 images for 1 prompts x 2 samples; expected 2"):
         rerank_groups(_ColorEncoder(), ["red"], [_solid(c) for c in cols], n_per_prompt=2)
     with pytest.raises(ValueError, match="no candidate"):
         rerank(_ColorEncoder(), "red", [])
