@@ -1,0 +1,684 @@
+"""The training loop shared by pretraining and SFT (they differ only in config and data).
+
+One optimizer step = ``grad_accum`` forward/backward passes of ``micro_batch`` sequences
+on each of ``world_size`` ranks. The loss is the mean next-token cross-entropy over every
+target that is not ``-100`` in the WHOLE global batch (paper §2.2: no up-weighting),
+so one process with the same global batch computes the same loss and gradient as any
+DDP/FSDP2 layout (up to float summation order).
+
+Data order is a pure function of ``(seed, consumed samples)``: a seeded permutation per
+epoch over the map-style dataset. Checkpoints store the number of consumed samples, the
+optimizer, the RNG states and the step, so ``resume=True`` reproduces the uninterrupted
+run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cm3leon.config import ModelConfig, save_json, to_json_dict
+from cm3leon.train import checkpoint as ckpt_io
+from cm3leon.train.config import BatchPlan, TrainConfig
+from cm3leon.train.parallelize import (
+    DistContext,
+    all_reduce_,
+    barrier,
+    grad_sync,
+    init_distributed,
+    parallelize,
+    shutdown_distributed,
+)
+from cm3leon.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+KIND_NAMES = ("special", "text", "image")  # Vocab.kinds_tensor codes 0, 1, 2
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    out_dir: Path
+    step: int
+    tokens: int
+    status: str  # "completed" | "interrupted" | "paused" (stopped at until_step)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, at log points
+    val: dict[str, float] | None = None
+    checkpoint: Path | None = None
+    model_dir: Path | None = None
+
+
+# ---- data order ------------------------------------------------------------------------
+
+class DataOrder:
+    """Sample order over ``n`` items: epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``.
+
+    Position ``p`` (samples consumed so far) maps to item ``perm_{p // n}[p % n]``.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("the training dataset is empty; tokenize some data first")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+        return self._perm
+
+    def take(self, start: int, count: int) -> list[int]:
+        """Items at positions ``start .. start+count-1`` (crossing epochs as needed)."""
+        out: list[int] = []
+        pos = start
+        while len(out) < count:
+            epoch, off = divmod(pos, self.n)
+            k = min(count - len(out), self.n - off)
+            out.extend(self._permutation(epoch)[off : off + k].tolist())
+            pos += k
+        return out
+
+
+class MicroBatches:
+    """This rank's micro-batches of dataset indices, forever, from position ``start``.
+
+    Each global batch (``plan.global_batch`` consecutive positions) is cut into
+    ``world_size`` contiguous parts; rank ``r`` takes part ``r`` in ``grad_accum`` pieces.
+    """
+
+    def __init__(self, order: DataOrder, start: int, plan: BatchPlan, rank: int) -> None:
+        self.order, self.start, self.plan, self.rank = order, start, plan, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pos, p = self.start, self.plan
+        while True:
+            batch = self.order.take(pos, p.global_batch)
+            mine = batch[self.rank * p.per_rank : (self.rank + 1) * p.per_rank]
+            for k in range(p.grad_accum):
+                yield mine[k * p.micro_batch : (k + 1) * p.micro_batch]
+            pos += p.global_batch
+
+
+def collate(samples: Sequence[dict[str, Tensor]], pad_id: int = 0) -> dict[str, Tensor]:
+    """Stack ``{"ids", "labels"}`` samples, right-padding shorter ones (pad id / -100)."""
+    T = max(int(s["ids"].shape[0]) for s in samples)
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = s["ids"].shape[0]
+        ids[i, :n] = s["ids"]
+        labels[i, :n] = s["labels"]
+    return {"ids": ids, "labels": labels}
+
+
+# ---- loss ------------------------------------------------------------------------------
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """Targets for logits at positions 0..T-2: ``labels[:, 1:]`` (label t is the id at t)."""
+    return labels[:, 1:]
+
+
+def lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed next-token cross-entropy over targets != -100 (float32)."""
+    V = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(), next_token_targets(labels).reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+
+
+def count_targets(labels: Tensor) -> Tensor:
+    return (next_token_targets(labels) != IGNORE_INDEX).sum()
+
+
+def unigram_entropy(data: Any, vocab: Vocab, n_samples: int) -> dict[str, float]:
+    """Entropy (nats) of the text-token and image-token unigram distributions of ``data``'s targets.
+
+    A model that ignores context can do no better than this on that modality, so a
+    validation loss well below it shows the model uses the context.
+    """
+    n = len(data)
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, n_samples)).astype(np.int64)) if n else []
+    counts = torch.zeros(vocab.size, dtype=torch.float64)
+    for i in idx:
+        t = next_token_targets(data[int(i)]["labels"][None])[0]
+        t = t[t != IGNORE_INDEX]
+        counts += torch.bincount(t, minlength=vocab.size).double()
+    out = {}
+    for name, lo, hi in (("text", vocab.text_offset, vocab.image_offset), ("image", vocab.image_offset, vocab.size)):
+        c = counts[lo:hi]
+        if c.sum() > 0:
+            p = c[c > 0] / c.sum()
+            out[f"{name}_unigram_entropy"] = float(-(p * p.log()).sum())
+    return out
+
+
+# ---- metrics file and plot -------------------------------------------------------------
+
+class MetricsLog:
+    """Append-only JSONL metrics (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run re-logs them)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(self.path)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves (train, validation overall/text/image, unigram baselines) as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    val = [r for r in records if r.get("split") == "val"]
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot(*zip(*train), lw=1, label="train")
+    for key, style, color in (("loss", "o-", "tab:orange"), ("loss_text", "s--", "tab:green"),
+                              ("loss_image", "^--", "tab:red")):
+        pts = [(r["step"], r[key]) for r in val if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, ms=3, color=color, label=f"val {key.removeprefix('loss').lstrip('_') or 'all'}")
+    base = next((r for r in reversed(records) if r.get("split") == "baseline"), None)
+    for key, color in (("image_unigram_entropy", "tab:red"), ("text_unigram_entropy", "tab:green")):
+        if base and key in base:
+            ax.axhline(base[key], color=color, ls=":", lw=1, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested (signal %d): finishing this step and saving a checkpoint", signum)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._prev[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+
+
+# ---- the trainer -----------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices (ndim >= 2) only, none on 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    kw: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+    if device.type == "cuda":
+        kw["fused"] = True
+    return torch.optim.AdamW(groups, **kw)
+
+
+def _autocast(cfg: TrainConfig, ctx: DistContext) -> contextlib.AbstractContextManager[Any]:
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    if not bf16 or ctx.strategy == "fsdp2" and ctx.distributed:  # FSDP2 casts via its MixedPrecisionPolicy
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+
+
+def _fsdp_param_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype | None:
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    return torch.bfloat16 if bf16 else None
+
+
+def _full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
+    """Unsharded CPU weights on rank 0 (a collective under FSDP2; empty dict on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if ctx.is_main else {}
+
+
+def _full_optim_state(model: nn.Module, optim: torch.optim.Optimizer, ctx: DistContext) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return osd if ctx.is_main else {}
+
+
+def evaluate(
+    model: nn.Module, data: Any, vocab: Vocab, *, batch_size: int, n_batches: int, ctx: DistContext,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> dict[str, float]:
+    """Validation loss and perplexity overall and per target kind (text / image / special).
+
+    Uses the first ``n_batches * batch_size`` items of ``data`` (fixed, so evaluations are
+    comparable across steps), split over ranks; sums are all-reduced.
+    """
+    n = min(len(data), n_batches * batch_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    was_training = model.training
+    model.eval()
+    n_total = -(-n // batch_size)
+    rounds = -(-n_total // ctx.world_size)
+    # FSDP2's forward is a collective: every rank runs the same number of batches (extras weigh 0).
+    lockstep = ctx.distributed and ctx.strategy == "fsdp2"
+    with torch.no_grad():
+        for r in range(rounds):
+            b = r * ctx.world_size + ctx.rank
+            if b >= n_total and not lockstep:
+                break
+            weight = 1.0 if b < n_total else 0.0
+            start = (b if b < n_total else 0) * batch_size
+            batch = collate([data[i] for i in range(start, min(n, start + batch_size))], vocab.pad_id)
+            ids, labels = batch["ids"].to(ctx.device), batch["labels"].to(ctx.device)
+            with autocast or contextlib.nullcontext():
+                logits = model(ids)
+            tgt = next_token_targets(labels)
+            V = logits.shape[-1]
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, V).float(), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view_as(tgt)
+            valid = tgt != IGNORE_INDEX
+            kinds = vocab.kinds_tensor(tgt.clamp(min=0))
+            for k in range(3):
+                m = valid & (kinds == k)
+                sums[k] += weight * nll[m].double().sum()
+                counts[k] += weight * m.sum()
+    model.train(was_training)
+    all_reduce_(sums, ctx)
+    all_reduce_(counts, ctx)
+    out: dict[str, float] = {}
+    total, total_n = float(sums.sum()), float(counts.sum())
+    if total_n:
+        out["loss"] = total / total_n
+        out["ppl"] = math.exp(min(out["loss"], 50.0))
+        out["tokens"] = total_n
+    for k, name in enumerate(KIND_NAMES):
+        if counts[k] > 0:
+            out[f"loss_{name}"] = float(sums[k] / counts[k])
+            out[f"ppl_{name}"] = math.exp(min(out[f"loss_{name}"], 50.0))
+            out[f"tokens_{name}"] = float(counts[k])
+    return out
+
+
+def _prepare_out_dir(out: Path, resume: bool) -> Path | None:
+    """Refuse to overwrite a previous run; on resume return its newest checkpoint."""
+    ckpt_root = out / ckpt_io.CKPT_DIR
+    latest = ckpt_io.latest_checkpoint(ckpt_root)
+    if resume:
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}; run without --resume to start")
+        return latest
+    if latest is not None or (out / "model.safetensors").exists():
+        raise ValueError(
+            f"{out} already holds a training run; pass --resume to continue it or choose a new --out directory"
+        )
+    return None
+
+
+def _save_model_dir(state: dict[str, Tensor], model_cfg: ModelConfig, vocab: Vocab, out: Path) -> Path:
+    """The pipeline's model directory: config.json + model.safetensors (+ vocab.json)."""
+    from cm3leon.model.io import save_model
+    from cm3leon.model.transformer import Transformer
+
+    with torch.device("meta"):
+        m = Transformer(model_cfg)
+    m.load_state_dict(state, strict=True, assign=True)
+    save_model(m, out)
+    save_json(vocab.to_dict(), out / "vocab.json")
+    return out
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_data: Any,
+    out_dir: str | Path,
+    *,
+    vocab: Vocab,
+    val_data: Any = None,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    until_step: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a :class:`~cm3leon.model.transformer.Transformer` on map-style ``train_data``.
+
+    ``train_data[i]`` must return ``{"ids": Long[T], "labels": Long[T]}`` (labels are the
+    ids with -100 where no loss is taken), deterministically for each ``i``. Writes
+    ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-*`` and, when done, the model
+    directory files (``config.json``, ``model.safetensors``, ``vocab.json``) into
+    ``out_dir``. ``init_from`` starts from a saved model directory (SFT). ``until_step``
+    stops early (checkpointed, resumable) without changing the schedule. Under
+    ``torchrun`` the process group comes from the environment (``train_cfg.dist``).
+    """
+    ctx = init_distributed(train_cfg.dist, device=train_cfg.device)
+    try:
+        return _Trainer(model_cfg, train_cfg, train_data, Path(out_dir), vocab, val_data, ctx).run(
+            resume=resume, init_from=init_from, until_step=until_step, progress=progress
+        )
+    finally:
+        shutdown_distributed(ctx)
+
+
+class _Trainer:
+    def __init__(
+        self, model_cfg: ModelConfig, cfg: TrainConfig, data: Any, out: Path, vocab: Vocab, val: Any,
+        ctx: DistContext,
+    ) -> None:
+        if model_cfg.vocab_size != vocab.size:
+            raise ValueError(
+                f"model vocab_size={model_cfg.vocab_size} but the data's vocabulary has {vocab.size} ids; "
+                "build the model config with vocab_size=vocab.size"
+            )
+        self.model_cfg, self.cfg, self.data, self.out, self.vocab, self.val, self.ctx = (
+            model_cfg, cfg, data, out, vocab, val, ctx)
+        self.metrics = MetricsLog(out / "metrics.jsonl", ctx.is_main)
+        self.losses: dict[int, float] = {}
+
+    # -- setup ------------------------------------------------------------------------
+    def _seq_len(self) -> int:
+        if len(self.data) == 0:
+            raise ValueError("the training dataset is empty; tokenize some data first")
+        s = self.data[0]
+        if "ids" not in s or "labels" not in s:
+            raise ValueError(f"dataset items must be dicts with 'ids' and 'labels', got keys {sorted(s)}")
+        T = int(s["ids"].shape[0])
+        if T > self.model_cfg.max_seq_len:
+            raise ValueError(
+                f"training sequences have {T} tokens but the model's max_seq_len is {self.model_cfg.max_seq_len}; "
+                "lower data.seq_len or raise model max_seq_len"
+            )
+        if int(s["ids"].max()) >= self.vocab.size:
+            raise ValueError(f"training ids reach {int(s['ids'].max())} >= vocabulary size {self.vocab.size}")
+        return T
+
+    def run(self, *, resume: bool, init_from: Any, until_step: int | None, progress: bool) -> TrainResult:
+        from cm3leon.model.io import check_state_dict, load_config, read_safetensors
+        from cm3leon.model.transformer import Transformer
+
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        latest = _prepare_out_dir(out, resume)
+        barrier(ctx)
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        seq_len = self._seq_len()
+        plan = cfg.batch_plan(seq_len, ctx.world_size)
+        seed_everything(cfg.seed)
+        model = Transformer(self.model_cfg)
+        expected = model.state_dict()
+        ckpt = None
+        if latest is not None:
+            ckpt = ckpt_io.load_checkpoint(latest)
+            ckpt_io.check_model_compat(ckpt, to_json_dict(self.model_cfg), expected)
+            model.load_state_dict(ckpt.model, strict=True)
+        elif init_from is not None:
+            base = load_config(init_from)
+            if base != self.model_cfg:
+                raise ValueError(f"--base {init_from} holds a {base} model but the run config asks for {self.model_cfg}")
+            weights = read_safetensors(Path(init_from) / "model.safetensors")
+            check_state_dict(expected, weights, source=str(Path(init_from) / "model.safetensors"))
+            model.load_state_dict(weights, strict=True)
+        model.to(ctx.device)
+        tmodel = parallelize(
+            model, ctx, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
+            fsdp_param_dtype=_fsdp_param_dtype(cfg, ctx),
+        )
+        optim = build_optimizer(tmodel, cfg, ctx.device)
+        step, consumed, tokens = 0, 0, 0
+        if ckpt is not None:
+            self._restore(tmodel, optim, ckpt)
+            step, consumed, tokens = ckpt.step, int(ckpt.state["consumed_samples"]), int(ckpt.state["tokens"])
+            self.metrics.truncate_after(step)
+            log.info("resumed from %s (step %d, %d samples consumed)", ckpt.path, step, consumed)
+        if ctx.is_main:
+            save_json(cfg.to_dict(), out / "train_config.json")
+            log.info(
+                "model %.2fM params | global batch %d x %d tokens (micro %d x accum %d x %d ranks) | device %s",
+                model.num_params() / 1e6, plan.global_batch, seq_len, plan.micro_batch, plan.grad_accum,
+                ctx.world_size, ctx.device,
+            )
+            if ckpt is None:
+                self.metrics.write({"split": "baseline", "step": 0, **unigram_entropy(self.data, self.vocab, cfg.unigram_samples)})
+        self.baseline = {k: v for r in self.metrics.read() if r.get("split") == "baseline" for k, v in r.items()}
+        return self._loop(tmodel, optim, plan, step, consumed, tokens, until_step, progress, latest)
+
+    def _restore(self, model: nn.Module, optim: torch.optim.Optimizer, ckpt: ckpt_io.Checkpoint) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        saved = ckpt.state.get("train_config", {})
+        changed = sorted(k for k, v in self.cfg.to_dict().items() if k in saved and saved[k] != v)
+        if changed:
+            log.warning("resuming with changed train config fields: %s", ", ".join(
+                f"{k} {saved[k]!r} -> {self.cfg.to_dict()[k]!r}" for k in changed))
+        flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optim.param_groups]
+        set_optimizer_state_dict(model, optim, ckpt.optimizer, options=StateDictOptions(full_state_dict=True))
+        for g, f in zip(optim.param_groups, flags):  # keep this device's kernel choice
+            g.update(f)
+        ckpt_io.restore_rng(ckpt.state["rng"], ckpt.rng_tensors)
+
+    def _loader(self, order: DataOrder, consumed: int, plan: BatchPlan) -> Iterator[dict[str, Tensor]]:
+        sampler = MicroBatches(order, consumed, plan, self.ctx.rank)
+        if self.cfg.num_workers == 0:
+            return (collate([self.data[i] for i in idx], self.vocab.pad_id) for idx in sampler)
+        loader = torch.utils.data.DataLoader(
+            self.data, batch_sampler=sampler, num_workers=self.cfg.num_workers,
+            collate_fn=functools.partial(collate, pad_id=self.vocab.pad_id), pin_memory=self.ctx.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4,
+        )
+        return iter(loader)
+
+    # -- main loop --------------------------------------------------------------------
+    def _loop(
+        self, model: nn.Module, optim: torch.optim.Optimizer, plan: BatchPlan, step: int, consumed: int,
+        tokens: int, until_step: int | None, progress: bool, last_ckpt: Path | None,
+    ) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, ctx = self.cfg, self.ctx
+        order = DataOrder(len(self.data), cfg.seed)
+        batches = self._loader(order, consumed, plan)
+        autocast = _autocast(cfg, ctx)
+        params = [p for p in model.parameters() if p.requires_grad]
+        stop_at = cfg.steps if until_step is None else min(until_step, cfg.steps)
+        pending: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (step, local loss sum, global count, grad norm)
+        interval: list[tuple[int, float, float]] = []
+        val = None
+        status = "completed"
+        bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and ctx.is_main), desc="train",
+                   dynamic_ncols=True)
+        t_last, tokens_last = time.perf_counter(), tokens
+
+        def flush() -> None:
+            """Bring pending step losses to the host (one sync) and stop on a non-finite one."""
+            if not pending:
+                return
+            sums = torch.stack([p[1] for p in pending])
+            all_reduce_(sums, ctx)
+            losses = (sums / torch.stack([p[2] for p in pending]).clamp(min=1)).tolist()
+            norms = torch.stack([p[3] for p in pending]).tolist()
+            for (s, *_), loss, gn in zip(pending, losses, norms):
+                if not (math.isfinite(loss) and math.isfinite(gn)):
+                    what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written"
+                    raise NonFiniteLossError(
+                        f"training stopped: the {what} became non-finite ({loss if what == 'loss' else gn}) at step "
+                        f"{s + 1}; {where}. Lower the learning rate (train.lr={cfg.lr}) or check the data, then "
+                        "--resume or restart"
+                    )
+                interval.append((s, loss, gn))
+            pending.clear()
+
+        def log_line(now_step: int) -> None:
+            nonlocal t_last, tokens_last
+            flush()
+            if not interval:
+                return
+            dt = max(time.perf_counter() - t_last, 1e-9)
+            loss = sum(x[1] for x in interval) / len(interval)
+            rec = {"split": "train", "step": now_step, "loss": loss, "grad_norm": interval[-1][2],
+                   "lr": cfg.lr_at(now_step - 1), "tokens": tokens, "tokens_per_s": (tokens - tokens_last) / dt,
+                   "epoch": consumed / len(self.data)}
+            self.metrics.write(rec)
+            self.losses[now_step] = loss
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            interval.clear()
+            t_last, tokens_last = time.perf_counter(), tokens
+
+        def do_eval(now_step: int) -> dict[str, float] | None:
+            if self.val is None or len(self.val) == 0:
+                return None
+            res = evaluate(model, self.val, self.vocab, batch_size=cfg.eval_batch_size or plan.micro_batch,
+                           n_batches=cfg.eval_batches, ctx=ctx, autocast=autocast)
+            self.metrics.write({"split": "val", "step": now_step, **res, **{
+                k: v for k, v in self.baseline.items() if k.endswith("entropy")}})
+            if ctx.is_main:
+                msg = " | ".join(f"{k} {res[k]:.4f}" for k in ("loss", "loss_text", "loss_image") if k in res)
+                base = self.baseline.get("image_unigram_entropy")
+                log.info("step %d val: %s%s", now_step, msg, f" | image unigram {base:.4f}" if base else "")
+                plot_metrics(self.metrics.read(), self.out / "loss.png")
+            return res
+
+        def save(now_step: int) -> Path:
+            flush()  # never checkpoint past a non-finite step
+            msd = _full_model_state(model, ctx)
+            osd = _full_optim_state(model, optim, ctx)
+            path = self.out / ckpt_io.CKPT_DIR / ckpt_io.step_dir_name(now_step)
+            if ctx.is_main:
+                state = {"consumed_samples": consumed, "tokens": tokens, "world_size": ctx.world_size,
+                         "model_config": to_json_dict(self.model_cfg), "train_config": cfg.to_dict(),
+                         "vocab": self.vocab.to_dict(), "lr_schedule_step": now_step}
+                path = ckpt_io.save_checkpoint(self.out / ckpt_io.CKPT_DIR, now_step, model_state=msd,
+                                               optimizer_state=osd, state=state, keep_last=cfg.keep_last)
+            barrier(ctx)
+            return path
+
+        model.train()
+        with StopRequest() as stop:
+            while step < stop_at:
+                # Distributed runs agree on stopping at log points (a sync they pay anyway).
+                if ctx.distributed and (step % cfg.log_every == 0):
+                    flag = all_reduce_(torch.tensor([float(stop.requested)], device=ctx.device), ctx, "max")
+                    stop.requested = bool(flag.item())
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                lr = cfg.lr_at(step)
+                for g in optim.param_groups:
+                    g["lr"] = lr
+                micro = [next(batches) for _ in range(plan.grad_accum)]
+                micro = [{k: v.to(ctx.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
+                n_tgt = all_reduce_(sum(count_targets(mb["labels"]) for mb in micro), ctx).double()
+                # DDP/FSDP2 average gradients over ranks, hence the world_size factor.
+                scale = (ctx.world_size / n_tgt.clamp(min=1)).float()
+                loss_sum = torch.zeros((), device=ctx.device)
+                for k, mb in enumerate(micro):
+                    with grad_sync(model, ctx, enabled=k == plan.grad_accum - 1):
+                        with autocast:
+                            logits = model(mb["ids"])
+                        ls = lm_loss_sum(logits, mb["labels"])
+                        (ls * scale).backward()
+                    loss_sum += ls.detach()
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if hasattr(gn, "full_tensor"):
+                    gn = gn.full_tensor()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                pending.append((step, loss_sum, n_tgt, gn.detach().float()))
+                step += 1
+                consumed += plan.global_batch
+                tokens += plan.tokens_per_step
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == stop_at:
+                    log_line(step)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    flush()
+                    val = do_eval(step) or val
+                    t_last, tokens_last = time.perf_counter(), tokens
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < stop_at:
+                    last_ckpt = save(step)
+                    t_last, tokens_last = time.perf_counter(), tokens
+            log_line(step)
+            bar.close()
+            last_ckpt = save(step) if (last_ckpt is None or last_ckpt.name != ckpt_io.step_dir_name(step)) else last_ckpt
+        model_dir = None
+        if step >= cfg.steps:
+            val = do_eval(step) or val
+            msd = _full_model_state(model, ctx)
+            if ctx.is_main:
+                model_dir = _save_model_dir(msd, self.model_cfg, self.vocab, self.out)
+                log.info("saved model to %s", model_dir)
+            barrier(ctx)
+        elif status == "completed":
+            status = "paused"
+        if ctx.is_main:
+            plot_metrics(self.metrics.read(), self.out / "loss.png")
+        return TrainResult(self.out, step, tokens, status, dict(self.losses), val, last_ckpt, model_dir)
