@@ -406,7 +406,8 @@ def tokenize_dataset(
     (default ``("text", "image")``: ``<eos> caption <break> IMAGE``; ``("image", "text")``
     puts the image first). Missing or empty fields are left out; records with none of
     them are skipped and counted in ``manifest["stats"]``. Shard row -> dataset row is kept
-    in ``source_rows.npy`` (dataset row = position in the source's iteration order).
+    in ``source_rows.npy`` (dataset row = position in the source, bad rows included, so
+    it matches the retrieval stage's row numbering of a dataset directory).
     """
     from cm3leon.data.sources import open_source
 
@@ -421,18 +422,22 @@ def tokenize_dataset(
     writer = ShardWriter(out_dir, vocab, overwrite=overwrite)
     try:
         batch: list[tuple[int, Any]] = []
-        for row, rec in enumerate(_progress(source, progress, _len(source))):
+        for rec in _progress(source, progress, _len(source)):
+            # dataset row = records yielded + bad rows skipped so far (a source visits each row once)
+            st = getattr(source, "stats", None)
+            row = st.ok - 1 + st.n_skipped if st is not None else stats["rows"]
             stats["rows"] += 1
             batch.append((row, rec))
             if len(batch) == batch_size:
                 _write_batch(batch, writer, vocab, text_tok, image_tok, fields, stats)
                 batch = []
         _write_batch(batch, writer, vocab, text_tok, image_tok, fields, stats)
-        source_stats = dict(getattr(source, "stats", {}) or {})
+        st = getattr(source, "stats", None)
+        bad_rows = dict(st.skipped) if st is not None else {}
         full_meta = {
             "source": str(data_dir),
             "fields": list(fields),
-            "stats": {**dict(stats), "source_bad_rows": source_stats},
+            "stats": {**dict(stats), "source_bad_rows": bad_rows},
         }
         full_meta.update(meta or {})
         writer.finalize(full_meta)

@@ -129,7 +129,8 @@ def collate(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
 
 
-def _open(shards: Shards | str | os.PathLike[str]) -> Shards:
+def open_shards(shards: Shards | str | os.PathLike[str]) -> Shards:
+    """``shards`` itself, or the :class:`Shards` at that path."""
     return shards if isinstance(shards, Shards) else Shards(Path(shards))
 
 
@@ -154,7 +155,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         shuffle: bool = True,
         max_fill_tries: int = 4,
     ) -> None:
-        self.shards = _open(shards)
+        self.shards = open_shards(shards)
         self.vocab = self.shards.vocab
         self.cm3 = CM3Config(**cm3) if isinstance(cm3, dict) else (cm3 or CM3Config())
         if len(self.shards) == 0:
