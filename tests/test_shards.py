@@ -16,6 +16,17 @@ from cm3leon.vocab import Vocab
 V = Vocab(text_size=30, image_size=16, image_seq_len=4)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():  # noqa: ANN202
+    """Small convolutions run far faster on one thread than on a shared, busy CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_docs(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [
@@ -140,3 +151,84 @@ def test_attach_neighbors_maps_dataset_rows_to_shard_rows(tmp_path: Path) -> Non
 def test_empty_shards(tmp_path: Path) -> None:
     sh = write_documents(tmp_path / "s", V, [])
     assert len(sh) == 0 and sh.n_tokens == 0
+
+
+# ---- tokenizing a dataset end to end (real tokenizers, random VQ weights) -----------------
+
+
+@pytest.fixture(scope="module")
+def toolkit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+
+    from cm3leon.data.dataset import Dataset
+    from cm3leon.data.shapes import write_shapes_dataset
+    from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig
+    from cm3leon.tokenize.text_bpe import TextTokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    data = write_shapes_dataset(root / "data", 5, size=32, seed=0, workers=1)
+    texts = [r.text for r in Dataset(data)] * 3
+    TextTokenizer.train(texts, vocab_size=300, min_frequency=1).save(root / "text")
+    torch.manual_seed(0)
+    ImageTokenizer(VQConfig.from_name("shapes-32")).save_pretrained(root / "image")
+    return {"root": root, "data": data, "text": root / "text", "image": root / "image"}
+
+
+def _run_cli(argv: list[str]) -> int:
+    import argparse
+
+    from cm3leon.data.shards_cli import add_tokenize_parser
+
+    parser = argparse.ArgumentParser()
+    add_tokenize_parser(parser.add_subparsers())
+    args = parser.parse_args(["tokenize", *argv])
+    return args.func(args)
+
+
+def test_tokenize_dataset_matches_an_independent_encoding(toolkit: dict[str, Path]) -> None:
+    import torch
+
+    from cm3leon.data.dataset import Dataset
+    from cm3leon.data.shards import tokenize_dataset
+    from cm3leon.tokenize.image_vq import ImageTokenizer
+    from cm3leon.tokenize.text_bpe import TextTokenizer
+
+    text = TextTokenizer.load(toolkit["text"])
+    image = ImageTokenizer.from_pretrained(toolkit["image"]).eval()
+    out = toolkit["root"] / "plain"
+    sh = tokenize_dataset(toolkit["data"], text, image, out, batch_size=2, progress=False)
+    records = list(Dataset(toolkit["data"]))
+    assert len(sh) == len(records) and sh.source_rows.tolist() == list(range(len(records)))
+    vocab = sh.vocab
+    assert (vocab.text_size, vocab.image_size, vocab.image_seq_len) == (text.vocab_size, 512, 64)
+    for i, r in enumerate(records):
+        with torch.no_grad():
+            codes = image.encode(image.preprocess([r.image]))[0].tolist()  # one image at a time
+        expected = Document.caption_image(text.encode(r.text), codes).to_ids(vocab)
+        assert sh[i] == expected
+    m = sh.manifest
+    assert m["stats"]["docs"] == len(records) and m["fields"] == ["text", "image"]
+    flipped = tokenize_dataset(toolkit["data"], text, image, toolkit["root"] / "flip", fields=("image", "text"),
+                               progress=False)
+    assert Document.from_ids(flipped[0], vocab).segments == tuple(reversed(Document.from_ids(sh[0], vocab).segments))
+    with pytest.raises(ValueError, match="fields"):
+        tokenize_dataset(toolkit["data"], text, image, toolkit["root"] / "bad", fields=("caption",))
+
+
+def test_tokenize_cli_plain_with_neighbors_and_sft(toolkit: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    root = toolkit["root"]
+    nb = np.array([[1, 2], [0, -1], [4, 3], [2, 1], [0, 1]], dtype=np.int64)
+    np.save(root / "nb.npy", nb)
+    common = ["--data", str(toolkit["data"]), "--text-tokenizer", str(toolkit["text"]),
+              "--image-tokenizer", str(toolkit["image"]), "--batch-size", "4"]
+    assert _run_cli([*common, "--out", str(root / "cli"), "--neighbors", str(root / "nb.npy")]) == 0
+    sh = Shards(root / "cli")
+    assert sh.neighbors.tolist() == nb.tolist()  # no skipped rows: dataset rows == shard rows
+    assert "wrote 5 documents" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="neighbors.npy"):
+        _run_cli([*common, "--out", str(root / "cli2"), "--index", str(root)])
+    assert _run_cli([*common, "--out", str(root / "sft"), "--sft", "--limit", "2"]) == 0
+    sft = Shards(root / "sft")
+    assert len(sft) == 2 * 11 and len(sft.task_names) == 11
+    assert all(sft.target(i) is not None for i in range(len(sft)))
+    assert "vqa" in capsys.readouterr().out

@@ -399,13 +399,15 @@ def tokenize_dataset(
     overwrite: bool = False,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    limit: int | None = None,
 ) -> Shards:
     """Tokenize every record of a dataset into shards; returns the opened :class:`Shards`.
 
     Each record becomes one document whose segments are the record's ``fields`` in order
     (default ``("text", "image")``: ``<eos> caption <break> IMAGE``; ``("image", "text")``
     puts the image first). Missing or empty fields are left out; records with none of
-    them are skipped and counted in ``manifest["stats"]``. Shard row -> dataset row is kept
+    them are skipped and counted in ``manifest["stats"]``. ``limit`` stops after that many
+    good records. Shard row -> dataset row is kept
     in ``source_rows.npy`` (dataset row = position in the source, bad rows included, so
     it matches the retrieval stage's row numbering of a dataset directory).
     """
@@ -417,7 +419,7 @@ def tokenize_dataset(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     vocab = vocab_for(text_tok, image_tok, n_masks=n_masks)
-    source = open_source(data_dir)
+    source = open_source(data_dir, limit=limit)
     stats: Counter[str] = Counter()
     writer = ShardWriter(out_dir, vocab, overwrite=overwrite)
     try:
