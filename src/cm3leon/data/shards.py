@@ -19,6 +19,7 @@ skipped while tokenizing become -1).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -267,7 +268,7 @@ class Shards:
         for i in range(len(self)):
             yield self[i]
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
         """int64[N]: number of ids of each document."""
         return np.diff(self.offsets)

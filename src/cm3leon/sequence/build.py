@@ -213,6 +213,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def example(self, q: int, rng: random.Random, budget: int, first: bool) -> list[int] | None:
         """Ids of query ``q``'s example within ``budget`` (None if it cannot fit whole)."""
+        if not first and int(self.shards.lengths[q]) > budget:
+            return None  # a filler that cannot fit: skip the retrieval and CM3 work
         retrieved = self.retrieved_for(q, rng)
         docs = [self._transform(self.shards[r], rng) for r in retrieved]
         query = self.shards[q]

@@ -92,24 +92,30 @@ def sample_poisson(rng: random.Random, lam: float) -> int:
 def _check_document(ids: Sequence[int], vocab: Vocab) -> None:
     if not ids or ids[0] != vocab.eos_id:
         raise ValueError("a CM3 document must start with <eos>; split sequences with split_documents first")
-    for i in ids[1:]:
-        k = vocab.kind(i)  # validates the range
-        if k is Kind.SPECIAL and i != vocab.break_id:
-            raise ValueError(
-                f"document holds {vocab.token_name(i)} (only <eos> at the start and <break> between "
-                "segments are allowed); is it already CM3-transformed or several documents?"
-            )
+    n_special, size, brk = vocab.n_special, vocab.size, vocab.break_id
+    # one pass with plain comparisons: this runs on every training document
+    bad = next((i for i in ids[1:] if (i < n_special and i != brk) or i < 0 or i >= size), None)
+    if bad is not None:
+        vocab.kind(bad)  # raises for ids outside the vocabulary
+        raise ValueError(
+            f"document holds {vocab.token_name(bad)} (only <eos> at the start and <break> between "
+            "segments are allowed); is it already CM3-transformed or several documents?"
+        )
 
 
 def segment_ranges(ids: Sequence[int], vocab: Vocab) -> list[tuple[Kind, int, int]]:
     """The non-empty segments of one document as ``(kind, start, end)`` positions in ``ids``."""
+    ids = ids if isinstance(ids, list) else list(ids)
     out: list[tuple[Kind, int, int]] = []
-    start = 1
-    for pos in range(1, len(ids) + 1):
-        if pos == len(ids) or ids[pos] == vocab.break_id:
-            if pos > start:
-                out.append((vocab.kind(ids[start]), start, pos))
-            start = pos + 1
+    start, n, brk = 1, len(ids), vocab.break_id
+    while start <= n:
+        try:
+            end = ids.index(brk, start)
+        except ValueError:
+            end = n
+        if end > start:
+            out.append((vocab.kind(ids[start]), start, end))
+        start = end + 1
     return out
 
 
@@ -151,12 +157,14 @@ def sample_spans(
     return sorted(chosen)
 
 
-def apply_spans(ids: Sequence[int], vocab: Vocab, spans: Sequence[Span]) -> list[int]:
+def apply_spans(ids: Sequence[int], vocab: Vocab, spans: Sequence[Span], *, check: bool = True) -> list[int]:
     """Move the given spans of one document to the end (see the module layout).
 
     ``spans`` must be sorted, non-overlapping, non-empty, and each inside one segment.
+    ``check=False`` skips re-validating a document that was just validated.
     """
-    _check_document(ids, vocab)
+    if check:
+        _check_document(ids, vocab)
     if len(spans) > vocab.n_masks:
         raise ValueError(f"{len(spans)} spans but only {vocab.n_masks} <mask:i> sentinels; raise Vocab.n_masks")
     body: list[int] = []
@@ -201,7 +209,7 @@ def cm3_transform(
         mask_images=mask_images,
         segment_choice=segment_choice,
     )
-    return apply_spans(ids, vocab, spans)
+    return apply_spans(ids, vocab, spans, check=False)
 
 
 def cm3_inverse(ids: Sequence[int], vocab: Vocab) -> list[int]:
