@@ -148,6 +148,17 @@ def test_attach_neighbors_maps_dataset_rows_to_shard_rows(tmp_path: Path) -> Non
         Shards(tmp_path / "s")
 
 
+def test_pickles_by_path_not_by_content(tmp_path: Path) -> None:
+    import pickle
+
+    docs = random_docs(300)
+    sh = write_documents(tmp_path / "s", V, docs)
+    blob = pickle.dumps(sh)
+    assert len(blob) < 1000 < sh.n_tokens * 4
+    again = pickle.loads(blob)
+    assert list(again) == docs and again.vocab == V
+
+
 def test_empty_shards(tmp_path: Path) -> None:
     sh = write_documents(tmp_path / "s", V, [])
     assert len(sh) == 0 and sh.n_tokens == 0

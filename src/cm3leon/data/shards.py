@@ -291,6 +291,14 @@ class Shards:
         s, e = (int(x) for x in self.targets[self._check_index(i)])
         return None if s < 0 else (s, e)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started with "spawn" pickle the dataset: reopen the memmaps
+        # by path instead of copying every token into the pickle.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
     def __repr__(self) -> str:
         return f"Shards({str(self.path)!r}, n_docs={len(self)}, n_tokens={self.n_tokens})"
 
