@@ -464,12 +464,21 @@ def test_load_fid_inception_roundtrip_and_forward(fid_checkpoint):
     assert feats.shape == (2, 2048) and feats.dtype == np.float32
     assert np.isfinite(feats).all() and (feats >= 0).all() and feats.std() > 0
     assert not np.allclose(feats[0], feats[1])
-    # embed_image == forward on [0,1] tensors (grey image replicated to RGB).
-    t = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
-                     for im in images[:1]])
-    with torch.no_grad():
-        direct = model(t).numpy()
-    np.testing.assert_allclose(feats[:1], direct, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(40, 56), (320, 400)])
+def test_inception_preprocessing_is_plain_bilinear_to_299(size):
+    # pytorch-fid resizes [0,1] RGB bilinearly (half-pixel centres, no antialias) to 299x299;
+    # OpenCV's INTER_LINEAR on float input is an independent implementation of the same map.
+    import cv2
+
+    from cm3leon.eval.inception import _to_unit_tensor
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    got = _to_unit_tensor(Image.fromarray(arr))[0].permute(1, 2, 0).numpy()
+    ref = cv2.resize(arr.astype(np.float32) / 255, (299, 299), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(got, ref, atol=1e-4)  # float32 weight round-off; a wrong mode errs by ~1e-1
 
 
 def test_load_fid_inception_variants(tmp_path):
@@ -487,12 +496,15 @@ def test_load_fid_inception_variants(tmp_path):
 def test_load_fid_inception_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="pt_inception"):
         load_fid_inception(tmp_path / "nope.pth")
-    sd = _pytorch_fid_checkpoint(seed=2, with_nbt=False)
+    # Half precision keeps these throw-away files small; the loader casts to float32.
+    sd = {k: v.half() for k, v in _pytorch_fid_checkpoint(seed=2, with_nbt=False).items()}
     cases = {
         "missing": {k: v for k, v in sd.items() if k != "Mixed_5b.branch1x1.conv.weight"},
         "unexpected": {**sd, "AuxLogits.conv0.conv.weight": torch.zeros(128, 768, 1, 1)},
         "shape": {**sd, "Mixed_7c.branch_pool.bn.bias": torch.zeros(7)},
     }
+    torch.save(sd, tmp_path / "ok_half.pth")
+    assert load_fid_inception(tmp_path / "ok_half.pth").Mixed_5b.branch1x1.conv.weight.dtype == torch.float32
     for name, bad in cases.items():
         torch.save(bad, tmp_path / f"{name}.pth")
         with pytest.raises(ValueError, match="missing keys|shape mismatch") as info:
