@@ -187,3 +187,18 @@ def test_cli_export_then_import(tmp_path, capsys):
         assert torch.equal(back.state_dict()[k], v), k
     assert cli_main(["export-hf", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_export_reads_vocab_json_of_a_pipeline_directory(tmp_path, capsys):
+    from cm3leon.config import save_json
+
+    save_model(randomized(), tmp_path / "ours")
+    save_json(Vocab(text_size=61, image_size=32, image_seq_len=8).to_dict(), tmp_path / "ours" / "vocab.json")
+    assert cli_main(["export-hf", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 1
+    assert f"does not match ModelConfig.vocab_size={VOCAB.size}" in capsys.readouterr().err
+    save_json(VOCAB.to_dict(), tmp_path / "ours" / "vocab.json")
+    assert cli_main(["export-hf", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (c["vocab_size"], c["bos_token_id"], c["eos_token_id"]) == (VOCAB.size, VOCAB.eos_id, VOCAB.eos_id)
+    assert cli_main(["import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 1
+    assert "input directory" in capsys.readouterr().err

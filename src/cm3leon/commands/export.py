@@ -14,7 +14,8 @@ def register(subparsers: Any) -> None:
         "export-hf",
         help="export a cm3leon model to a transformers OPTForCausalLM directory",
         description="Write a cm3leon decoder as a Hugging Face OPTForCausalLM directory "
-        "(config.json + model.safetensors) that gives identical logits in `transformers`.",
+        "(config.json + model.safetensors) that gives identical logits in `transformers`. "
+        "Special token ids come from the model directory's vocab.json when present.",
     )
     p.add_argument("--model", required=True, type=Path, help="cm3leon model directory (config.json + model.safetensors)")
     p.add_argument("--out", required=True, type=Path, help="output directory for the OPT model")
@@ -44,7 +45,13 @@ def _export(args: argparse.Namespace) -> int:
 
     _refuse_same_dir(args.model, args.out)
     model = load_model(args.model)
-    export_hf(model, args.out)
+    vocab = None
+    if (args.model / "vocab.json").exists():  # a pipeline model directory names its vocabulary
+        from cm3leon.config import load_json
+        from cm3leon.vocab import Vocab
+
+        vocab = Vocab.from_dict(load_json(args.model / "vocab.json"))
+    export_hf(model, args.out, vocab=vocab)
     print(f"exported {model.num_params() / 1e6:.1f}M-parameter model to {args.out} (OPTForCausalLM)")
     return 0
 

@@ -54,6 +54,14 @@ class KVCache(nn.Module):
         self.register_buffer("slot", torch.zeros(1, device=device, dtype=torch.long), persistent=False)
         self.batch = batch
         self.max_len = max_len
+        # Host-side count of slots written by eager calls: bounds checks without reading the
+        # device (no sync). Compiled decode steps do not update it, so it can only undercount.
+        self._written = 0
+        if self.k.is_cuda and not torch.compiler.is_compiling():
+            # Fixed addresses let CUDA graphs (torch.compile mode="reduce-overhead") update
+            # the buffers in place instead of skipping graph capture for mutated inputs.
+            for buf in (self.k, self.v, self.valid, self.pos, self.slot):
+                torch._dynamo.mark_static_address(buf)
 
     @classmethod
     def allocate(
@@ -84,6 +92,7 @@ class KVCache(nn.Module):
         self.valid.zero_()
         self.pos.zero_()
         self.slot.zero_()
+        self._written = 0
 
     @property
     def length(self) -> int:
@@ -122,6 +131,7 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache) -> T
     )
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
+    cache._written = T
     return logits
 
 
@@ -129,13 +139,15 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
     """Feed one new token per row, ``ids`` Long[B, 1], at the next slot; returns logits Float[B, V].
 
     Each row uses its own next position (``cache.pos``). Shapes are static and the slot is a
-    tensor, so the function compiles once; bounds are checked only when running eagerly.
+    tensor, so the function compiles once (no recompiles as the slot advances). Bounds are
+    checked on the host when running eagerly (no device sync).
     """
     if not torch.compiler.is_compiling():
         if ids.shape != (cache.batch, 1):
             raise ValueError(f"ids must be [{cache.batch}, 1], got {tuple(ids.shape)}")
-        if cache.length >= cache.max_len:
+        if cache._written >= cache.max_len:
             raise ValueError(f"the KV cache is full (max_len={cache.max_len}); allocate a larger cache")
+        cache._written += 1
     slot = cache.slot
     cache.valid.index_fill_(1, slot, True)
     attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, S)
