@@ -322,47 +322,53 @@ def _paper_steps(tokens: float) -> int:
     return int(math.ceil(tokens / _PAPER_BATCH_TOKENS))
 
 
+# Data paths follow the quickstart's workspace layout (``cm3leon quickstart --out WS``):
+# WS/shards/pretrain and WS/shards/sft hold the tokenized shards, WS/pretrain the pretrained
+# model. Point ``data.val`` at held-out shards to get validation curves.
+
+
 @recipe("smoke")
 def smoke() -> RunConfig:
     """Seconds on a CPU: the tiny model for a few steps (checks that everything runs)."""
     return RunConfig(
         name="smoke",
         model="tiny",
+        model_overrides={"max_seq_len": 384},
         train=TrainConfig(
-            steps=20, batch_size=4, lr=1e-3, warmup_steps=5, log_every=1, eval_every=10,
-            eval_batches=2, ckpt_every=10, unigram_samples=32,
+            steps=24, batch_size=4, lr=2e-3, warmup_steps=2, decay="cosine", log_every=2, eval_every=12,
+            eval_batches=2, ckpt_every=12, unigram_samples=32,
         ),
-        data=DataConfig(train="shards/train", val="shards/val", seq_len=256),
+        data=DataConfig(train="shards/pretrain", seq_len=320, options={"n_retrieved": 2}),
     )
 
 
 @recipe("quickstart")
 def quickstart() -> RunConfig:
-    """Minutes on a laptop CPU: the ``shapes`` model on 32 px Shapes (64 tokens per image)."""
+    """About 20 minutes on 2 CPU cores: a 4-layer d=192 model on 32 px Shapes (64 tokens per image)."""
     return RunConfig(
         name="quickstart",
         model="shapes",
+        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 384},
         train=TrainConfig(
-            steps=600, batch_size=8, lr=1e-3, warmup_steps=50, decay="cosine", log_every=10,
-            eval_every=100, eval_batches=4, ckpt_every=100,
+            steps=1000, batch_size=16, lr=2e-3, warmup_steps=50, decay="cosine", log_every=20,
+            eval_every=200, eval_batches=4, ckpt_every=200,
         ),
-        data=DataConfig(train="shards/train", val="shards/val", seq_len=512),
+        data=DataConfig(train="shards/pretrain", seq_len=384, options={"n_retrieved": 3}),
     )
 
 
 @recipe("shapes-64")
 def shapes_64() -> RunConfig:
-    """One GPU, about an hour: 64 px Shapes (256 tokens per image), 3 retrieved documents."""
+    """One GPU, about an hour: 64 px Shapes (256 tokens per image) with 3 retrieved documents."""
     return RunConfig(
         name="shapes-64",
         model="shapes",
         model_overrides={"d_model": 512, "n_layers": 8, "n_heads": 8, "max_seq_len": 1280},
         train=TrainConfig(
             steps=20000, batch_size=64, lr=6e-4, warmup_steps=500, decay="cosine", log_every=50,
-            eval_every=1000, eval_batches=16, ckpt_every=1000, precision="auto", compile=True,
-            num_workers=4,
+            eval_every=1000, eval_batches=16, ckpt_every=1000, compile=True, num_workers=4,
         ),
-        data=DataConfig(train="shards/train", val="shards/val", seq_len=1280),
+        data=DataConfig(train="shards/pretrain", seq_len=1280, options={"n_retrieved": 3}),
     )
 
 
@@ -377,7 +383,7 @@ def _paper(name: str, preset: str, lr: float, tokens: float, *, micro: int) -> R
             precision="bf16", device="cuda", compile=True, activation_checkpointing=True,
             dist="fsdp2", num_workers=8,
         ),
-        data=DataConfig(train="shards/train", val="shards/val", seq_len=4096),
+        data=DataConfig(train="shards/pretrain", val="shards/val", seq_len=4096, options={"n_retrieved": 3}),
     )
 
 
@@ -401,16 +407,17 @@ def paper_7b() -> RunConfig:
 
 @recipe("sft-quickstart")
 def sft_quickstart() -> RunConfig:
-    """SFT of the quickstart model on the Shapes task mixture (CPU minutes)."""
+    """SFT of the quickstart model on the Shapes task mixture (about 10 minutes on 2 CPU cores)."""
     return RunConfig(
         name="sft-quickstart",
         model="shapes",
+        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 384},
         init_from="pretrain",
         train=TrainConfig(
-            steps=300, batch_size=8, lr=3e-4, warmup_steps=30, decay="cosine", log_every=10,
+            steps=400, batch_size=16, lr=1e-3, warmup_steps=20, decay="cosine", log_every=10,
             eval_every=100, eval_batches=4, ckpt_every=100,
         ),
-        data=DataConfig(train="shards/sft-train", val="shards/sft-val", kind="sft", seq_len=512),
+        data=DataConfig(train="shards/sft", kind="sft", seq_len=384),
     )
 
 
@@ -428,5 +435,5 @@ def sft_paper_7b() -> RunConfig:
             eval_every=1000, eval_batches=32, ckpt_every=1000, precision="bf16", device="cuda",
             compile=True, activation_checkpointing=True, dist="fsdp2", num_workers=8,
         ),
-        data=DataConfig(train="shards/sft-train", val="shards/sft-val", kind="sft", seq_len=4096),
+        data=DataConfig(train="shards/sft", val="shards/sft-val", kind="sft", seq_len=4096),
     )

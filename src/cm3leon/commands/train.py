@@ -1,0 +1,186 @@
+"""``cm3leon train`` (pretraining) and ``cm3leon sft`` (instruction tuning): one loop, two configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_TRAIN_EXAMPLES = """examples:
+  cm3leon train --list-recipes
+  cm3leon train --recipe smoke --out runs/quickstart/smoke           # data: runs/quickstart/shards/pretrain
+  cm3leon train --recipe quickstart --workspace runs/qs --out runs/qs/pretrain2 --override lr=1e-3 steps=500
+  cm3leon train --recipe quickstart --out runs/qs/pretrain2 --resume # continue after Ctrl-C / a crash
+  cm3leon train --recipe paper-350m --print-config > my.json          # start your own config from a recipe
+  torchrun --nproc_per_node 8 -m cm3leon.cli train --config my.json --out runs/350m
+
+Relative data paths in a recipe (e.g. shards/pretrain) are resolved against --workspace
+(default: the parent of --out, which matches `cm3leon quickstart --out WS`'s layout).
+--out receives metrics.jsonl, loss.png, checkpoints/ and, at the end, the model
+(config.json, model.safetensors, vocab.json).
+"""
+
+_SFT_EXAMPLES = """examples:
+  cm3leon sft --base runs/qs/pretrain --recipe sft-quickstart --out runs/qs/sft2
+  cm3leon sft --base runs/qs/pretrain --recipe sft-quickstart --out runs/qs/sft2 --resume
+  cm3leon sft --base runs/7b --config sft-7b.json --out runs/7b-sft --override data.train=/data/sft-shards
+
+The model shape comes from --base (its config.json); the recipe/config gives the
+optimizer, schedule and SFT data (tokenized with `cm3leon data tokenize --sft`).
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--recipe", help="a named run config (see --list-recipes)")
+    src.add_argument("--config", type=Path, help="a run config JSON file (see --print-config)")
+    p.add_argument("--out", type=Path, help="run directory (metrics, checkpoints, final model)")
+    p.add_argument("--workspace", type=Path, help="directory the config's relative data paths are under "
+                   "(default: the parent of --out)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides the config)")
+    p.add_argument("--until-step", type=int, help="stop (checkpointed, resumable) after this step")
+    p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="edit the config: lr=1e-4, train.dist=ddp, data.train=DIR, model_overrides.d_model=128")
+    p.add_argument("--print-config", action="store_true", help="print the resolved run config as JSON and exit")
+    p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(sub: Any) -> None:
+    """Add the ``train`` and ``sft`` subcommands."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("train", help="pretrain the decoder (CM3 objective, retrieval-augmented)",
+                       description="Pretrain CM3Leon on tokenized shards (single CPU/GPU, or torchrun "
+                       "DDP/FSDP2).", epilog=_TRAIN_EXAMPLES, formatter_class=fmt)
+    _add_common(p)
+    p.set_defaults(func=_run_train, mode="train")
+    s = sub.add_parser("sft", help="instruction-tune a pretrained model on the task mixture",
+                       description="Supervised fine-tuning (paper §4) from a pretrained model directory.",
+                       epilog=_SFT_EXAMPLES, formatter_class=fmt)
+    _add_common(s)
+    s.add_argument("--base", type=Path, help="pretrained model directory (default: the config's init_from)")
+    s.set_defaults(func=_run_train, mode="sft")
+
+
+def load_run_config(args: argparse.Namespace) -> Any:
+    """The run config from --recipe/--config with --steps/--override applied (paths not yet resolved)."""
+    from cm3leon.train.config import RunConfig, get_recipe
+
+    if args.recipe:
+        run = get_recipe(args.recipe)
+    elif args.config:
+        run = RunConfig.from_json_file(args.config)
+    else:
+        raise ValueError("give --recipe NAME or --config FILE (see --list-recipes)")
+    edits = list(args.override)
+    if args.steps is not None:
+        edits.append(f"train.steps={args.steps}")
+    return run.with_overrides(edits) if edits else run
+
+
+def build_datasets(run: Any) -> tuple[Any, Any, Any]:
+    """(train, val or None, vocab) for a run config whose paths are absolute."""
+    from cm3leon.data.shards import Shards
+
+    def open_one(path: str, seed: int) -> Any:
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"tokenized shards {path} not found; tokenize data with `cm3leon data tokenize`, "
+                "or point the config at them (--workspace DIR or --override data.train=DIR)"
+            )
+        shards = Shards(path)
+        opts = dict(run.data.options)
+        if run.data.kind == "sft":
+            from cm3leon.sequence.sft import SFTDataset
+
+            return SFTDataset(shards, seq_len=run.data.seq_len, seed=seed, **opts)
+        from cm3leon.sequence.build import PretrainDataset
+
+        return PretrainDataset(shards, seq_len=run.data.seq_len, seed=seed, **opts)
+
+    train = open_one(run.data.train, run.train.seed)
+    val = open_one(run.data.val, run.train.seed + 1) if run.data.val else None
+    if val is not None and val.vocab != train.vocab:
+        raise ValueError(f"validation shards {run.data.val} use another vocabulary ({val.vocab}) than the "
+                         f"training shards ({train.vocab}); tokenize both with the same tokenizers")
+    return train, val, train.vocab
+
+
+def _model_config(run: Any, vocab: Any, base: Path | None) -> Any:
+    from cm3leon.config import ModelConfig, from_json_dict, load_json
+    from cm3leon.model.io import load_config
+    from cm3leon.vocab import Vocab
+
+    if base is None:
+        return ModelConfig.from_name(run.model, vocab_size=vocab.size, **run.model_overrides)
+    cfg = load_config(base)
+    if (base / "vocab.json").exists():
+        base_vocab = from_json_dict(Vocab, load_json(base / "vocab.json"))
+        if base_vocab != vocab:
+            raise ValueError(f"the base model {base} was trained with {base_vocab} but the SFT shards use {vocab}; "
+                             "tokenize the SFT data with the pretraining tokenizers")
+    if cfg.vocab_size != vocab.size:
+        raise ValueError(f"the base model {base} has vocab_size={cfg.vocab_size} but the SFT shards' vocabulary has "
+                         f"{vocab.size} ids; tokenize the SFT data with the pretraining tokenizers")
+    if run.data.seq_len > cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={run.data.seq_len} exceeds the base model's max_seq_len={cfg.max_seq_len}")
+    return cfg
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from cm3leon.cli import CLIError
+    from cm3leon.train.config import RECIPES
+
+    if args.list_recipes:
+        for name, fn in RECIPES.items():
+            print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    run = load_run_config(args)
+    if args.print_config:
+        print(run.to_json(), end="")
+        return 0
+    if args.out is None:
+        raise ValueError("--out DIR is required (the run directory)")
+    workspace = args.workspace or args.out.resolve().parent
+    run = run.resolve_paths(workspace)
+    base = None
+    if args.mode == "sft":
+        base = args.base or (Path(run.init_from) if run.init_from else None)
+        if base is None:
+            raise ValueError("cm3leon sft needs --base DIR (a pretrained model directory)")
+        if not (base / "model.safetensors").exists():
+            raise FileNotFoundError(f"--base {base} holds no model.safetensors; point it at a finished `cm3leon "
+                                    "train` --out directory")
+    elif run.init_from:
+        base = Path(run.init_from)
+    train_data, val_data, vocab = build_datasets(run)
+    model_cfg = _model_config(run, vocab, base)
+
+    from cm3leon.train.loop import NonFiniteLossError, train
+
+    try:
+        res = train(model_cfg, run.train, train_data, args.out, vocab=vocab, val_data=val_data, resume=args.resume,
+                    init_from=None if args.resume else base, until_step=args.until_step,
+                    progress=not args.no_progress)
+    except NonFiniteLossError as e:
+        raise CLIError(str(e)) from e
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if res.status == "interrupted":
+        print(f"interrupted at step {res.step}; checkpoint {res.checkpoint}. Continue with the same command "
+              "plus --resume")
+        return 130
+    summary = {"status": res.status, "step": res.step, "tokens": res.tokens, "out": str(res.out_dir)}
+    if res.losses:
+        summary["train_loss"] = res.losses[max(res.losses)]
+    if res.val:
+        summary["val"] = {k: round(v, 4) for k, v in res.val.items() if k.startswith(("loss", "ppl"))}
+    print(json.dumps(summary, indent=1))
+    return 0
