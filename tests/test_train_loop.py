@@ -126,6 +126,13 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
     np.testing.assert_allclose(list(a.losses.values()), list(b.losses.values()), rtol=1e-5)
 
 
+def test_data_loader_workers_do_not_change_training(tmp_path):
+    mc, data = tiny_model_config(), SynthData()
+    a = train(mc, cfg(steps=3), data, tmp_path / "a", vocab=VOCAB, progress=False)
+    b = train(mc, cfg(steps=3, num_workers=2), data, tmp_path / "b", vocab=VOCAB, progress=False)
+    assert a.losses == b.losses
+
+
 def test_activation_checkpointing_does_not_change_training(tmp_path):
     mc, data = tiny_model_config(), SynthData()
     a = train(mc, cfg(steps=3), data, tmp_path / "a", vocab=VOCAB, progress=False)

@@ -138,15 +138,18 @@ def collate(samples: Sequence[dict[str, Tensor]], pad_id: int = 0) -> dict[str, 
 # ---- loss ------------------------------------------------------------------------------
 
 def next_token_targets(labels: Tensor) -> Tensor:
-    """Targets for logits at positions 0..T-2: ``labels[:, 1:]`` (label t is the id at t)."""
-    return labels[:, 1:]
+    """Target of the logits at each position t: ``labels[:, t+1]``, and -100 at the last position.
+
+    (``labels`` are the ids themselves with -100 where no loss is taken: the HF convention.)
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def lm_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over targets != -100 (float32)."""
+    """Summed next-token cross-entropy over targets != -100 (computed in float32)."""
     V = logits.shape[-1]
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, V).float(), next_token_targets(labels).reshape(-1),
+        logits.reshape(-1, V).float(), next_token_targets(labels).reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
 
@@ -344,7 +347,7 @@ def evaluate(
             tgt = next_token_targets(labels)
             V = logits.shape[-1]
             nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, V).float(), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+                logits.reshape(-1, V).float(), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
             ).view_as(tgt)
             valid = tgt != IGNORE_INDEX
             kinds = vocab.kinds_tensor(tgt.clamp(min=0))
