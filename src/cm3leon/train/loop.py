@@ -490,7 +490,8 @@ class _Trainer:
             weights = read_safetensors(Path(init_from) / "model.safetensors")
             check_state_dict(expected, weights, source=str(Path(init_from) / "model.safetensors"))
             model.load_state_dict(weights, strict=True)
-        model.to(ctx.device)
+        if not (ctx.distributed and ctx.strategy == "fsdp2"):
+            model.to(ctx.device)  # FSDP2 moves each block to the device as it shards it (lower peak memory)
         tmodel = parallelize(
             model, ctx, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
             fsdp_param_dtype=_fsdp_param_dtype(cfg, ctx),
