@@ -182,6 +182,14 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(ids), m(ids), atol=0, rtol=0)
 
 
+def test_load_casts_dtype_on_request(tmp_path):
+    m = randomized(tiny_cfg())
+    save_model(m, tmp_path / "m")
+    half = load_model(tmp_path / "m", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(half.lm_head.weight.float(), m.lm_head.weight, atol=1e-3, rtol=1e-2)
+
+
 def test_load_other_preset_names_key_and_shapes(tmp_path):
     save_model(randomized(tiny_cfg()), tmp_path / "m")
     other = tiny_cfg(d_ff=64)  # same config.json shape, different FFN width
