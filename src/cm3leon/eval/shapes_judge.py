@@ -159,26 +159,40 @@ def _fit_template(
     alphap = np.pad(alpha, pad)
     penp = np.pad(cost * (1.0 - alpha), pad, constant_values=1.0)  # outside the canvas costs 1
     total = float(alpha.sum())
-    best = ("circle", 0, 0, d_lo, -1.0)
-    for d in range(d_lo, d_hi + 1):
+
+    def best_at(d: int) -> tuple[str, int, int, int, float] | None:
         # template origins ty in [y_hi - d - slack, y_lo + slack] (same for x)
         ty0, tx0 = y_hi - d - slack, x_hi - d - slack
-        if ty0 > y_lo + slack or tx0 > x_lo + slack:
-            continue
+        if d < 2 or ty0 > y_lo + slack or tx0 > x_lo + slack:
+            return None
         rows = slice(ty0 + pad, y_lo + slack + d + pad)
         cols = slice(tx0 + pad, x_lo + slack + d + pad)
         a_win = np.ascontiguousarray(alphap[rows, cols])
         p_win = np.ascontiguousarray(penp[rows, cols])
+        found = None
         for shape in SHAPES:
             t = _template(shape, d)
             score = cv2.matchTemplate(a_win, t, cv2.TM_CCORR)
             score /= total + cv2.matchTemplate(p_win, t, cv2.TM_CCORR) + 1e-6
             k = int(np.argmax(score))
             sc = float(score.flat[k])
-            if sc > best[4] + 1e-6:
+            if found is None or sc > found[4] + 1e-6:
                 ty, tx = divmod(k, score.shape[1])
-                best = (shape, tx + tx0, ty + ty0, d, sc)
-    return best
+                found = (shape, tx + tx0, ty + ty0, d, sc)
+        return found
+
+    # coarse pass over every other side length, then refine around the two best
+    coarse = {d: best_at(d) for d in range(d_lo, d_hi + 1, 2)}
+    fits = {d: f for d, f in coarse.items() if f is not None}
+    for d in sorted(fits, key=lambda d: -fits[d][4])[:2]:
+        for dd in (d - 1, d + 1):
+            if dd not in fits and d_lo <= dd <= d_hi:
+                f = best_at(dd)
+                if f is not None:
+                    fits[dd] = f
+    if not fits:
+        return ("circle", x_lo, y_lo, extent, 0.0)
+    return max(fits.values(), key=lambda f: (f[4], -f[3]))
 
 
 def detect_objects(image: Image.Image, cfg: JudgeConfig | None = None) -> list[DetectedObject]:
@@ -266,19 +280,29 @@ def judge(
     check: Sequence[str] = DEFAULT_CHECK,
     box_iou_threshold: float = 0.5,
     cfg: JudgeConfig | None = None,
-    detected: Sequence[DetectedObject] | None = None,
 ) -> JudgeResult:
     """Judge ``image`` against a Shapes prompt (a caption, ObjectSpecs, or ``meta["objects"]`` dicts).
 
     ``check`` picks attributes from :data:`ATTRIBUTES`; ``size``/``position``/``box`` are only
     checked for prompt objects that state them. ``box`` is right when IoU >= ``box_iou_threshold``.
-    ``detected`` reuses a previous :func:`detect_objects` result for the same image.
     """
+    return judge_detected(detect_objects(image, cfg), prompt_objects, check=check,
+                          box_iou_threshold=box_iou_threshold)
+
+
+def judge_detected(
+    detected: Sequence[DetectedObject],
+    prompt_objects: str | Sequence[ObjectSpec | dict[str, Any]],
+    *,
+    check: Sequence[str] = DEFAULT_CHECK,
+    box_iou_threshold: float = 0.5,
+) -> JudgeResult:
+    """:func:`judge` on the output of :func:`detect_objects` (to score one image against many prompts)."""
     unknown_attrs = [a for a in check if a not in ATTRIBUTES]
     if unknown_attrs:
         raise ValueError(f"unknown attributes to check {unknown_attrs}; choose from {ATTRIBUTES}")
     specs = _as_specs(prompt_objects)
-    dets = list(detected) if detected is not None else detect_objects(image, cfg)
+    dets = list(detected)
     match: dict[int, int] = {}
     if specs and dets:
         gain = np.array([[_agreement(s, d) for d in dets] for s in specs])
