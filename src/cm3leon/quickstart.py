@@ -1,0 +1,429 @@
+"""The main job: the whole CM3Leon recipe on the built-in Shapes world, end to end.
+
+Stages (each writes its own folder under ``out``; a rerun reuses finished stages)::
+
+    data -> text_tokenizer -> image_tokenizer -> encoder -> index -> shards -> pretrain
+         -> sft -> model dirs -> eval (pretrained and SFT) -> report.html / report.json
+
+Presets: ``smoke`` (about 2 minutes on 2 CPU cores, used by the tests), ``default``
+(about 20 minutes on 2 CPU cores), ``gpu`` (a larger run for one GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuickstartPreset:
+    """Sizes and budgets of one quickstart run."""
+
+    name: str
+    n_train: int
+    n_val: int
+    image_size: int = 32
+    text_vocab: int = 512
+    vq_preset: str = "shapes-32"
+    vq_steps: int = 1500
+    vq_images: int = 12000
+    encoder_steps: int = 400
+    model_preset: str = "shapes"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 384
+    n_retrieved: int = 3
+    detailed_caption_prob: float = 0.7
+    pretrain_steps: int = 1000
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    sft_steps: int = 400
+    sft_batch: int = 16
+    sft_lr: float = 1e-3
+    eval_n: int = 64
+    eval_samples: int = 4
+    ablations: bool = True
+    device: str = "auto"
+
+
+PRESETS: dict[str, QuickstartPreset] = {
+    "smoke": QuickstartPreset(
+        name="smoke", n_train=600, n_val=24, text_vocab=384, vq_steps=120, vq_images=1200, encoder_steps=60,
+        model_preset="tiny", model_overrides={"max_seq_len": 384}, seq_len=320, n_retrieved=2,
+        pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
+    ),
+    "default": QuickstartPreset(
+        name="default", n_train=20000, n_val=256,
+        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 384},
+    ),
+    "gpu": QuickstartPreset(
+        name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
+        model_overrides={"d_model": 512, "n_layers": 8, "n_heads": 8, "max_seq_len": 512}, seq_len=512,
+        pretrain_steps=6000, pretrain_batch=64, pretrain_lr=1e-3, sft_steps=2000, sft_batch=64, sft_lr=5e-4,
+        eval_n=256, eval_samples=8,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> QuickstartPreset:
+    """A named preset with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown quickstart preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ---- stage bookkeeping -------------------------------------------------------------------
+class Stages:
+    """Runs named stages once: a finished stage leaves ``stage.json`` and is reused."""
+
+    def __init__(self, out: Path, preset: QuickstartPreset, *, force: bool = False) -> None:
+        self.out, self.preset, self.force = out, preset, force
+        self.timings: dict[str, float] = {}
+        self.results: dict[str, Any] = {}
+
+    def run(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        d = self.out / name
+        marker = d / "stage.json"
+        if marker.exists() and not self.force:
+            rec = json.loads(marker.read_text())
+            if rec.get("preset") == dataclasses.asdict(self.preset):
+                log.info("stage %-16s reused (%.1fs when it ran)", name, rec["seconds"])
+                self.timings[name] = rec["seconds"]
+                self.results[name] = rec["result"]
+                return rec["result"]
+        d.mkdir(parents=True, exist_ok=True)
+        print(f"== stage {name}", flush=True)
+        t0 = time.perf_counter()
+        result = fn(d)
+        secs = time.perf_counter() - t0
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": secs, "result": result, "preset": dataclasses.asdict(self.preset)},
+                                  indent=2, default=float))
+        tmp.replace(marker)
+        print(f"   {name} done in {secs:.1f}s", flush=True)
+        self.timings[name] = secs
+        self.results[name] = result
+        return result
+
+
+# ---- stage implementations ------------------------------------------------------------------
+def _stage_data(p: QuickstartPreset) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.shapes import write_shapes_dataset
+
+        write_shapes_dataset(d / "train", p.n_train, size=p.image_size, seed=0, overwrite=True, progress=True)
+        write_shapes_dataset(d / "val", p.n_val, size=p.image_size, seed=1, overwrite=True)
+        return {"train": str(d / "train"), "val": str(d / "val"), "n_train": p.n_train, "n_val": p.n_val}
+
+    return fn
+
+
+def _corpus(data_dir: Path) -> Iterator[str]:
+    """Every string the model will read: captions, questions, answers, instructions, templates."""
+    from cm3leon.data.dataset import read_dataset
+    from cm3leon.sequence.sft import TASKS
+
+    for t in TASKS.values():
+        for variant in t.variants:
+            for slot in variant:
+                if hasattr(slot, "template"):
+                    yield slot.template
+    for rec in read_dataset(data_dir, columns=["id", "text", "meta"]):
+        m = rec.meta
+        yield rec.text or ""
+        yield m["captions"]["detailed"]
+        for qa in m.get("vqa", []):
+            yield qa["question"]
+            yield qa["answer"]
+        if "edit" in m:
+            yield m["edit"]["instruction"]
+        if "reasoning" in m:
+            r = m["reasoning"]
+            yield " ".join(str(r.get(k) or "") for k in ("question", "context", "explanation", "answer"))
+        if "write" in m:
+            yield f'draw "{m["write"]["text"]}"'
+
+
+def _stage_text_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.tokenize.text_bpe import TextTokenizer
+
+        tok = TextTokenizer.train(_corpus(Path(data["train"])), p.text_vocab)
+        tok.save(d)
+        return {"dir": str(d), "vocab_size": tok.vocab_size}
+
+    return fn
+
+
+def _uint8_images(images: list[Any]) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.dataset import Dataset
+        from cm3leon.tokenize.image_vq import VQConfig
+        from cm3leon.tokenize.image_vq_train import TRAIN_PRESETS, train_image_tokenizer
+
+        ds = Dataset(data["train"])
+        n_scene = min(len(ds), int(p.vq_images * 0.7))
+        extra_names = ("seg", "edge", "depth", "edit_image", "write_image")
+        n_extra = max(1, (p.vq_images - n_scene) // len(extra_names))
+        imgs = []
+        for i in range(max(n_scene, n_extra)):
+            rec = ds[i]
+            if i < n_scene:
+                imgs.append(rec.image)
+            if i < n_extra:
+                imgs.extend(rec.meta["images"][k] for k in extra_names)
+        val = [r.image for r in Dataset(data["val"])]
+        cfg = dataclasses.replace(TRAIN_PRESETS[p.vq_preset], steps=p.vq_steps, checkpoint_every=max(p.vq_steps, 1),
+                                  sample_every=max(p.vq_steps // 2, 1))
+        metrics = train_image_tokenizer(VQConfig.from_name(p.vq_preset), cfg, _uint8_images(imgs),
+                                        _uint8_images(val), d, device=_device(p))
+        return {"dir": str(d), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+
+    return fn
+
+
+def _stage_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.dataset import Dataset
+        from cm3leon.retrieval.encoder import (
+            DualEncoderConfig,
+            EncoderTrainConfig,
+            text_to_image_recall,
+            train_dual_encoder,
+        )
+        from cm3leon.tokenize.text_bpe import TextTokenizer
+
+        tok = TextTokenizer.load(text["dir"])
+        recs = list(Dataset(data["train"], columns=["id", "image", "text", "meta"]))
+        rng = random.Random(0)
+        texts = [r.meta["captions"]["detailed"] if rng.random() < 0.5 else r.text for r in recs]
+        enc = train_dual_encoder(
+            texts, [r.image for r in recs], tokenizer=tok,
+            cfg=DualEncoderConfig(vocab_size=tok.vocab_size, image_size=p.image_size),
+            train_cfg=EncoderTrainConfig(steps=p.encoder_steps), device=_device(p), progress=True,
+        )
+        enc.save(d)
+        val = list(Dataset(data["val"]))
+        keys = [tuple(sorted((o["shape"], o["color"]) for o in r.meta["objects"])) for r in val]
+        rec = text_to_image_recall(enc.embed_text([r.text for r in val]), enc.embed_image([r.image for r in val]), keys)
+        return {"dir": str(d), **rec}
+
+    return fn
+
+
+def _stage_index(p: QuickstartPreset, data: dict[str, Any], enc: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.dataset import Dataset
+        from cm3leon.retrieval.encoder import load_encoder
+        from cm3leon.retrieval.index import build_bank
+
+        ds = Dataset(data["train"], columns=["id", "image", "text", "meta"])
+        build_bank(iter(ds), n=len(ds), encoder=load_encoder(enc["dir"]), out=d, factory="Flat",
+                   info={"data": data["train"], "encoder": enc["dir"]}, progress=True)
+        return {"dir": str(d), "n": len(ds)}
+
+    return fn
+
+
+def _pretrain_view(p: QuickstartPreset, data_dir: str) -> Iterator[Any]:
+    """Caption-image documents for pretraining: the detailed caption with probability p, else the short one."""
+    from cm3leon.data.dataset import read_dataset
+    from cm3leon.data.records import DocRecord
+
+    rng = random.Random(1)
+    for r in read_dataset(data_dir, columns=["id", "image", "text", "meta"]):
+        text = r.meta["captions"]["detailed"] if rng.random() < p.detailed_caption_prob else r.text
+        yield DocRecord(r.id, text, r.image, {})
+
+
+def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any], image: dict[str, Any],
+                  enc: dict[str, Any], index: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.dataset import Dataset, write_dataset
+        from cm3leon.data.shards import attach_neighbors, tokenize_dataset
+        from cm3leon.retrieval.encoder import load_encoder
+        from cm3leon.retrieval.index import MemoryBank
+        from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
+        from cm3leon.sequence.sft import record_sft_examples, tokenize_sft
+        from cm3leon.tokenize.image_vq import ImageTokenizer
+        from cm3leon.tokenize.text_bpe import TextTokenizer
+
+        text_tok = TextTokenizer.load(text["dir"])
+        image_tok = ImageTokenizer.from_pretrained(image["dir"]).eval()
+        write_dataset(d / "pretrain_view", _pretrain_view(p, data["train"]), overwrite=True)
+        sh = tokenize_dataset(d / "pretrain_view", text_tok, image_tok, d / "pretrain", overwrite=True)
+        # Training neighbours: the paper's policy with query dropout, the query itself excluded.
+        retriever = Retriever(MemoryBank.load(index["dir"]), load_encoder(enc["dir"]),
+                              RetrieverConfig(k_text=2, k_image=2, seed=0))
+        ds = Dataset(data["train"], columns=["id", "image", "text", "meta"])
+        recs = list(ds)
+        got = retriever.retrieve(recs, query_ids=np.arange(len(recs)), training=True)
+        attach_neighbors(d / "pretrain", got.ids, rows="dataset")
+        rng = random.Random(0)
+        sft = tokenize_sft((ex for r in recs for ex in record_sft_examples(r, rng)), text_tok, image_tok,
+                           d / "sft", overwrite=True)
+        filled = float((got.ids >= 0).mean())
+        return {"pretrain": str(d / "pretrain"), "sft": str(d / "sft"), "pretrain_docs": len(sh),
+                "pretrain_tokens": int(sh.n_tokens), "sft_docs": len(sft), "neighbour_fill": filled,
+                "policy": got.stats.as_dict()}
+
+    return fn
+
+
+def _device(p: QuickstartPreset) -> str:
+    if p.device != "auto":
+        return p.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model_config(p: QuickstartPreset, vocab_size: int) -> Any:
+    from cm3leon.config import ModelConfig
+
+    return ModelConfig.from_name(p.model_preset, vocab_size=vocab_size, **p.model_overrides)
+
+
+def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.shards import Shards
+        from cm3leon.sequence.build import PretrainDataset
+        from cm3leon.train.config import TrainConfig
+        from cm3leon.train.loop import train
+
+        vocab = Shards(shards["pretrain"]).vocab
+        data = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=0)
+        val = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=1)
+        cfg = TrainConfig(steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr,
+                          warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
+                          log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
+                          eval_batches=4, device=_device(p))
+        res = train(_model_config(p, vocab.size), cfg, data, d, vocab=vocab, val_data=val)
+        return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
+                "final_loss": res.losses[max(res.losses)] if res.losses else None}
+
+    return fn
+
+
+def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.shards import Shards
+        from cm3leon.sequence.sft import SFTDataset
+        from cm3leon.train.config import TrainConfig
+        from cm3leon.train.loop import train
+
+        vocab = Shards(shards["sft"]).vocab
+        data = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=0)
+        print(data.table(), flush=True)
+        cfg = TrainConfig(steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr,
+                          warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
+                          log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
+                          eval_batches=4, device=_device(p))
+        val = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=1)
+        res = train(_model_config(p, vocab.size), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"])
+        return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
+                "mixture": data.table()}
+
+    return fn
+
+
+def _stage_assemble(which: str, text: dict[str, Any], image: dict[str, Any], enc: dict[str, Any],
+                    index: dict[str, Any], shards: dict[str, Any], trained: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.pipeline import CM3Leon
+
+        CM3Leon.assemble(d, model_dir=trained["dir"], text_tokenizer_dir=text["dir"], image_tokenizer_dir=image["dir"],
+                         encoder_dir=enc["dir"], bank_dir=index["dir"], memory_dir=shards["pretrain"])
+        return {"dir": str(d), "which": which}
+
+    return fn
+
+
+def _real_features(pipe: Any, data_dir: str) -> np.ndarray:
+    from cm3leon.data.dataset import Dataset
+    from cm3leon.eval.metrics import image_features
+
+    return image_features([r.image for r in Dataset(data_dir)], pipe.encoder)
+
+
+def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any], *, ablations: bool,
+                tasks: tuple[str, ...]) -> Callable[[Path], dict[str, Any]]:
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.dataset import Dataset
+        from cm3leon.eval.harness import EvalConfig, eval_t2i, run_eval
+        from cm3leon.pipeline import CM3Leon
+
+        pipe = CM3Leon.from_pretrained(model["dir"], device=_device(p))
+        records = list(Dataset(data["val"]))
+        one = [r for r in records if len(r.meta["objects"]) == 1][: p.eval_n]
+        two = [r for r in records if len(r.meta["objects"]) == 2][: p.eval_n]
+        t2i_records = one + two
+        cfg = EvalConfig(n=p.eval_n, samples=p.eval_samples, grid_dir=str(d / "grids"), batch_size=32)
+        real = _real_features(pipe, data["val"])
+        out: dict[str, Any] = {"tasks": {}, "ablations": {}}
+        main = eval_t2i(pipe, t2i_records, cfg, name="t2i", real_features=real)
+        out["tasks"]["t2i"] = dataclasses.asdict(main)
+        others = [t for t in tasks if t != "t2i"]
+        for name, res in run_eval(pipe, records, others, cfg).items():
+            out["tasks"][name] = dataclasses.asdict(res)
+        if ablations:
+            quiet = dataclasses.replace(cfg, grid_dir=None)
+            ab: dict[str, Any] = {}
+            for g in (1.0, 2.0, 3.0, 5.0):
+                ab[f"cfg_{g:g}"] = eval_t2i(pipe, t2i_records, quiet, guidance=g, rerank=False).metrics
+            for k in (0, 1, 2):
+                ab[f"retrieve_{k}"] = eval_t2i(pipe, t2i_records, quiet, retrieve=k, rerank=False).metrics
+            for mode in ("top_p", "cd_k", "mix"):
+                ab[f"sampling_{mode}"] = eval_t2i(pipe, t2i_records, quiet, mode=mode, rerank=True).metrics
+            ab["rerank_off"] = eval_t2i(pipe, t2i_records, quiet, rerank=False).metrics
+            ab["rerank_on"] = main.metrics
+            out["ablations"] = ab
+        (d / "metrics.json").write_text(json.dumps(out, indent=2, default=float))
+        return out
+
+    return fn
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", *, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole recipe into ``out``; returns the report dict."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if p.device == "auto" and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    st = Stages(out, p, force=force)
+    data = st.run("data", _stage_data(p))
+    text = st.run("text_tokenizer", _stage_text_tokenizer(p, data))
+    image = st.run("image_tokenizer", _stage_image_tokenizer(p, data))
+    enc = st.run("encoder", _stage_encoder(p, data, text))
+    index = st.run("index", _stage_index(p, data, enc))
+    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index))
+    pre = st.run("pretrain", _stage_pretrain(p, shards))
+    sft = st.run("sft", _stage_sft(p, shards, pre))
+    pre_dir = st.run("model_pretrained", _stage_assemble("pretrained", text, image, enc, index, shards, pre))
+    sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft))
+    all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")
+    ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=False, tasks=("t2i", "caption", "vqa")))
+    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, ablations=p.ablations, tasks=all_tasks))
+    from cm3leon.report import write_report
+
+    report = write_report(out, preset=p, timings=st.timings, results=st.results, eval_pre=ev_pre, eval_sft=ev_sft,
+                          wall=time.perf_counter() - t0)
+    return report
