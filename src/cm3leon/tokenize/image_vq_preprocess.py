@@ -20,6 +20,7 @@ Policy (documented in docs/tokenizers.md):
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,12 @@ def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
     try:
-        img = Image.open(path)  # lazy: reads the header only
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit below; PIL's bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # lazy: reads the header only
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} is above the limit of {max_pixels} pixels ({e})") from e
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e}); the file is corrupt or not an image") from e
     check_pixel_limit(img, max_pixels=max_pixels, name=str(path))
@@ -69,7 +75,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif img.mode == "F" and arr.max(initial=0) <= 1.0:
             arr = arr * 255.0
         g = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(g, mode="L").convert("RGB")
+        return Image.fromarray(g).convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -131,4 +137,4 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected Float[B,3,H,W], got shape {tuple(x.shape)}")
     u8 = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), mode="RGB") for a in u8]
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in u8]

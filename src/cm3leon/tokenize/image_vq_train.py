@@ -58,6 +58,7 @@ class VQTrainConfig:
     disc_lr: float = 2e-4
     restart_every: int = 25  # dead-code restart period in steps (0 = off)
     restart_threshold: float = 0.03  # a code is dead when its running count per batch is below this
+    usage_decay: float = 0.9  # decay of the running per-batch code counts
     hflip: bool = True  # random horizontal flips
     log_every: int = 50
     sample_every: int = 500
@@ -255,6 +256,7 @@ def train_image_tokenizer(
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     model = ImageTokenizer(model_cfg).to(device).train()
+    model.quantize.usage_decay = cfg.usage_decay
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decayed = [(n, p) for n, p in named if p.ndim >= 2 and "embedding" not in n]  # conv kernels only
     rest = [(n, p) for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
