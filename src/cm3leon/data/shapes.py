@@ -186,8 +186,15 @@ def grid_position(center: tuple[float, float], size: int) -> str:
     return POSITIONS[3 * row + col]
 
 
+@functools.lru_cache(maxsize=2048)
 def shape_mask(shape: str, d: int) -> np.ndarray:
-    """Boolean ``[d, d]`` footprint of ``shape``: a pixel is in iff its center is."""
+    """Boolean ``[d, d]`` footprint of ``shape``: a pixel is in iff its center is (read-only)."""
+    m = _shape_mask(shape, d)
+    m.flags.writeable = False
+    return m
+
+
+def _shape_mask(shape: str, d: int) -> np.ndarray:
     if shape not in CORNERS:
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
     c = (np.arange(d) + 0.5) / d  # pixel centers in [0, 1]
@@ -216,14 +223,17 @@ def _lookup(lab: np.ndarray, colors: Sequence[tuple[int, int, int]], bg: tuple[i
     return Image.fromarray(table[lab], mode="RGB")
 
 
-def render(scene: Scene, cfg: ShapesConfig | None = None) -> Image.Image:
-    """The RGB image of ``scene`` (exact palette colors on a white background)."""
-    return _lookup(label_map(scene), [COLORS[o.color] for o in scene.objects], BACKGROUND)
+def render(scene: Scene, cfg: ShapesConfig | None = None, *, labels: np.ndarray | None = None) -> Image.Image:
+    """The RGB image of ``scene`` (exact palette colors on a white background); ``labels``
+    reuses a :func:`label_map` of the scene."""
+    lab = label_map(scene) if labels is None else labels
+    return _lookup(lab, [COLORS[o.color] for o in scene.objects], BACKGROUND)
 
 
-def render_segmentation(scene: Scene) -> Image.Image:
+def render_segmentation(scene: Scene, *, labels: np.ndarray | None = None) -> Image.Image:
     """Each visible object pixel in its shape class color of :data:`SEG_PALETTE`, background black."""
-    return _lookup(label_map(scene), [SEG_PALETTE[o.shape] for o in scene.objects], SEG_PALETTE["background"])
+    lab = label_map(scene) if labels is None else labels
+    return _lookup(lab, [SEG_PALETTE[o.shape] for o in scene.objects], SEG_PALETTE["background"])
 
 
 def depth_level(z: int, max_objects: int = 3) -> int:
@@ -231,10 +241,10 @@ def depth_level(z: int, max_objects: int = 3) -> int:
     return int(round(255 * (z + 1) / max(3, max_objects)))
 
 
-def render_depth(scene: Scene, max_objects: int = 3) -> Image.Image:
+def render_depth(scene: Scene, max_objects: int = 3, *, labels: np.ndarray | None = None) -> Image.Image:
     """Layer map: each visible object pixel at :func:`depth_level` of its z, background black."""
     levels = [(depth_level(z, max_objects),) * 3 for z in range(len(scene.objects))]
-    return _lookup(label_map(scene), levels, (0, 0, 0))
+    return _lookup(label_map(scene) if labels is None else labels, levels, (0, 0, 0))
 
 
 def render_edges(image: Image.Image) -> Image.Image:
@@ -636,7 +646,8 @@ def make_example(
     cfg = cfg or ShapesConfig()
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
     scene = sample_scene(rng, cfg)
-    image = render(scene, cfg)
+    lab = label_map(scene)
+    image = render(scene, cfg, labels=lab)
     edit, edited = make_edit(scene, rng, cfg)
     word = _choice(rng, writable_words(cfg.size))
     meta: dict[str, Any] = {
@@ -650,9 +661,9 @@ def make_example(
         "write": {"text": word},
         "tasks": list(TASKS),
         "images": {
-            "seg": render_segmentation(scene),
+            "seg": render_segmentation(scene, labels=lab),
             "edge": render_edges(image),
-            "depth": render_depth(scene, cfg.max_objects),
+            "depth": render_depth(scene, cfg.max_objects, labels=lab),
             "edit_image": render(edited, cfg),
             "write_image": render_word(word, cfg.size),
         },
