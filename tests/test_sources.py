@@ -278,3 +278,18 @@ def test_inspect_cli_reports_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "format:  folder" in out and "records: 4 read" in out
     assert "corrupt_image: 1" in out and "missing_caption: 1" in out and "truncated_image: 1" in out
     assert "caption            4" in out
+
+
+def test_convert_cli_writes_a_dataset_of_the_good_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from cm3leon.cli import main
+    from cm3leon.data.dataset import Dataset
+
+    d = _folder(tmp_path, sidecar=False)
+    out = tmp_path / "converted"
+    assert main(["data", "convert", str(d), "--out", str(out)]) == 0
+    assert "bad rows: 4 ok, 4 skipped" in capsys.readouterr().out
+    ds = Dataset(out)
+    assert len(ds) == 4 and ds.manifest["source"] == f"folder:{d}" and ds.tasks == {"caption": 4}
+    by_id = {r.id: r for r in ds}
+    assert by_id["sub/c.png"].text == "third" and _same(by_id["sub/c.png"].image, GOOD[2])
+    assert by_id["a.png"].meta["file"] == "a.png"

@@ -1,4 +1,4 @@
-"""``cm3leon data ...``: make the Shapes dataset, inspect any data source.
+"""``cm3leon data ...``: make the Shapes dataset, inspect any data source, convert raw data.
 
 Each subcommand is added by one ``add_<name>(subparsers)`` function listed in
 :data:`SUBCOMMANDS`; to add a subcommand, write such a function (setting ``func=handler``)
@@ -56,6 +56,63 @@ def _run_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="dataset dir, image folder, COCO .json, .tar shard(s) or parquet")
+    p.add_argument("--kind", choices=("dataset", "folder", "coco", "webdataset", "parquet"),
+                   help="force the source kind instead of auto-detecting it")
+    p.add_argument("--limit", type=int, default=None, help="read at most this many good records")
+    p.add_argument("--images", help="COCO: the image folder (guessed from the json path if omitted)")
+    p.add_argument("--captions", help="folder: a captions.jsonl file (default: <folder>/captions.jsonl)")
+    p.add_argument("--image-column", help="parquet: column holding image bytes")
+    p.add_argument("--text-column", help="parquet: column holding the caption")
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, str]:
+    from cm3leon.data.sources import detect_kind, open_source
+
+    kind = args.kind or detect_kind(args.path)
+    opts: dict[str, Any] = {"limit": args.limit}
+    if kind == "coco" and args.images:
+        opts["images"] = args.images
+    if kind == "folder" and args.captions:
+        opts["captions"] = args.captions
+    if kind == "parquet":
+        opts.update(image_column=args.image_column, text_column=args.text_column)
+    return open_source(args.path, kind=kind, **opts), kind
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    """``cm3leon data convert``."""
+    p = sub.add_parser(
+        "convert",
+        help="convert a raw source (folder, COCO, WebDataset, parquet) to a cm3leon dataset",
+        description="Read a raw source, skip and count bad rows, and write the good records as a "
+        "cm3leon dataset directory (manifest.json + parquet parts, images as PNG).",
+        epilog=_raw("""
+            examples:
+              cm3leon data convert coco/annotations/captions_val2017.json --out data/coco-val
+              cm3leon data convert laion-shards/ --out data/laion --limit 100000
+            """),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_source_options(p)
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cm3leon.data.dataset import write_dataset
+
+    src, kind = _open(args)
+    records = tqdm(src, unit="rec", desc=f"convert {kind}")
+    out = write_dataset(args.out, records, source=f"{kind}:{args.path}", overwrite=args.overwrite)
+    print(f"wrote {src.stats.ok} records to {out}; bad rows: {src.stats.summary()}")
+    return 0
+
+
 def add_inspect(sub: argparse._SubParsersAction) -> None:
     """``cm3leon data inspect``."""
     p = sub.add_parser(
@@ -72,15 +129,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", help="dataset dir, image folder, COCO .json, .tar shard(s) or parquet")
-    p.add_argument("--kind", choices=("dataset", "folder", "coco", "webdataset", "parquet"),
-                   help="force the source kind instead of auto-detecting it")
+    _add_source_options(p)
     p.add_argument("--examples", type=int, default=3, help="how many examples to print (default 3)")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many good records")
-    p.add_argument("--images", help="COCO: the image folder (guessed from the json path if omitted)")
-    p.add_argument("--captions", help="folder: a captions.jsonl file (default: <folder>/captions.jsonl)")
-    p.add_argument("--image-column", help="parquet: column holding image bytes")
-    p.add_argument("--text-column", help="parquet: column holding the caption")
     p.set_defaults(func=_run_inspect)
 
 
@@ -90,17 +140,7 @@ def _short(value: Any, width: int = 100) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from cm3leon.data.sources import detect_kind, open_source
-
-    kind = args.kind or detect_kind(args.path)
-    opts: dict[str, Any] = {"limit": args.limit}
-    if kind == "coco" and args.images:
-        opts["images"] = args.images
-    if kind == "folder" and args.captions:
-        opts["captions"] = args.captions
-    if kind == "parquet":
-        opts.update(image_column=args.image_column, text_column=args.text_column)
-    src = open_source(args.path, kind=kind, **opts)
+    src, kind = _open(args)
     print(f"path:    {args.path}")
     print(f"format:  {kind}")
     if kind == "dataset":
@@ -139,7 +179,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 # Subcommands of `cm3leon data`, in --help order; append new `add_*` functions here.
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_shapes, add_inspect)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_shapes, add_inspect, add_convert)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -147,7 +187,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data",
         help="make and inspect datasets (Shapes generator, readers for folders/COCO/WebDataset/parquet)",
-        description="Datasets: generate the built-in Shapes world, inspect any supported source.",
+        description="Datasets: generate the built-in Shapes world, inspect any supported source, "
+        "convert raw data to the cm3leon dataset format.",
     )
     sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     for add in SUBCOMMANDS:
