@@ -1,0 +1,154 @@
+// CM3Leon web page: plain JS, no build step, nothing fetched from outside this server.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+
+// ---- tabs ---------------------------------------------------------------------------
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
+    for (const p of document.querySelectorAll(".panel")) p.classList.toggle("active", p.id === "panel-" + tab.dataset.tab);
+  });
+}
+
+// ---- helpers ------------------------------------------------------------------------
+function setStatus(id, text, isError = false) {
+  const el = $(id);
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+async function errorText(resp) {
+  try {
+    const body = await resp.json();
+    if (body && body.error) return `${resp.status}: ${body.error.message}`;
+  } catch (e) { /* not JSON */ }
+  return `${resp.status} ${resp.statusText}`;
+}
+
+function figure(b64, caption) {
+  const fig = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + b64;
+  img.alt = caption;
+  fig.appendChild(img);
+  if (caption) {
+    const cap = document.createElement("figcaption");
+    cap.textContent = caption;
+    fig.appendChild(cap);
+  }
+  return fig;
+}
+
+function addToGallery(images, caption, scores) {
+  const gallery = $("#gallery");
+  images.forEach((b64, i) => {
+    const text = scores ? `${caption} (CLIP ${scores[i].toFixed(3)})` : caption;
+    gallery.insertBefore(figure(b64, text), gallery.firstChild);
+  });
+}
+
+// Server-sent events over a POST (EventSource only does GET): yields {event, data}.
+async function* readEvents(resp) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const frame = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of frame.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      yield { event, data: data ? JSON.parse(data) : null };
+    }
+  }
+}
+
+// ---- model info -----------------------------------------------------------------------
+fetch("/v1/info").then((r) => r.json()).then((info) => {
+  $("#model-info").textContent =
+    `${info.model} · ${info.size} images · retrieval ${info.retrieval ? "on" : "off"} · re-ranking ${info.rerank ? "on" : "off"}`;
+  if (!info.retrieval) { $("#retrieve").disabled = true; $("#retrieve").title = "this model has no retrieval memory"; }
+  if (!info.rerank) { $("#rerank").disabled = true; $("#rerank").title = "this model has no retrieval encoder"; }
+}).catch(() => { $("#model-info").textContent = "model info unavailable"; });
+
+// ---- generate (streamed) ------------------------------------------------------------------
+$("#generate-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const prompt = $("#prompt").value.trim();
+  const body = {
+    prompt,
+    n: Number($("#n").value || 1),
+    guidance: Number($("#guidance").value),
+    temperature: Number($("#temperature").value),
+    top_p: Number($("#top_p").value),
+    retrieve: Number($("#retrieve").value),
+    rerank: $("#rerank").checked,
+    response_format: "b64_json",
+  };
+  if ($("#cd_k").value) body.cd_k = Number($("#cd_k").value);
+  if ($("#seed").value) body.seed = Number($("#seed").value);
+  const button = $("#generate-button");
+  const preview = $("#preview");
+  button.disabled = true;
+  preview.replaceChildren();
+  setStatus("#generate-status", "queued…");
+  try {
+    const resp = await fetch("/v1/images/generations/stream", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+    });
+    if (!resp.ok) { setStatus("#generate-status", await errorText(resp), true); return; }
+    for await (const { event, data } of readEvents(resp)) {
+      if (event === "progress") {
+        setStatus("#generate-status", `decoding: ${data.tokens}/${data.total} tokens`);
+        preview.replaceChildren(...data.images.map((b64) => figure(b64, `${data.tokens}/${data.total}`)));
+      } else if (event === "result") {
+        preview.replaceChildren();
+        const scores = data.data[0].clip_score !== undefined ? data.data.map((d) => d.clip_score) : null;
+        addToGallery(data.data.map((d) => d.b64_json), prompt, scores);
+        setStatus("#generate-status", `done: ${data.data.length} image(s)`);
+      } else if (event === "error") {
+        setStatus("#generate-status", data.error.message, true);
+      }
+    }
+  } catch (e) {
+    setStatus("#generate-status", `request failed: ${e}`, true);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+// ---- caption / ask / edit (multipart uploads) ---------------------------------------------
+function formTask(formId, url, statusId, onResult) {
+  $(formId).addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const form = ev.target;
+    const button = form.querySelector("button[type=submit]");
+    const data = new FormData(form);
+    for (const [k, v] of [...data.entries()]) if (v === "") data.delete(k);  // let the server defaults apply
+    button.disabled = true;
+    setStatus(statusId, "working…");
+    try {
+      const resp = await fetch(url, { method: "POST", body: data });
+      if (!resp.ok) { setStatus(statusId, await errorText(resp), true); return; }
+      onResult(await resp.json(), data);
+      setStatus(statusId, "done");
+    } catch (e) {
+      setStatus(statusId, `request failed: ${e}`, true);
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+formTask("#caption-form", "/v1/captions", "#caption-status", (r) => { $("#caption-out").textContent = r.caption; });
+formTask("#ask-form", "/v1/answers", "#ask-status", (r) => { $("#ask-out").textContent = r.answer; });
+formTask("#edit-form", "/v1/images/edits", "#edit-status",
+  (r, data) => addToGallery(r.data.map((d) => d.b64_json), `edit: ${data.get("prompt")}`, null));

@@ -1,0 +1,99 @@
+"""A tiny random CM3Leon model directory for the server tests and the serving benchmark.
+
+Random weights generate random images and text: enough to exercise every endpoint, the
+batcher and the web page without a trained model. Built with the public constructors
+only (text BPE, VQ-GAN, decoder, in-house retrieval encoder) and ``CM3Leon.assemble``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cm3leon.config import ModelConfig, save_json
+from cm3leon.model.io import save_model
+from cm3leon.model.transformer import Transformer
+from cm3leon.pipeline import CM3Leon
+from cm3leon.retrieval.encoder import DualEncoder, DualEncoderConfig, DualEncoderModel
+from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig
+from cm3leon.tokenize.text_bpe import TextTokenizer
+from cm3leon.vocab import Vocab
+
+TEXTS = [
+    "a red circle at the top left",
+    "a blue square in the middle",
+    "two green triangles at the bottom right",
+    "what color is the circle?",
+    "make the square yellow",
+    "describe the image in very detail",
+] * 4
+
+
+def build_tiny_model_dir(out: str | Path, *, resolution: int = 32, seed: int = 0, encoder: bool = True) -> Path:
+    """Write a random tiny model directory to ``out``: ``resolution`` px images of
+    ``(resolution / 2) ** 2`` tokens from a 16-code book, the ``tiny`` decoder, and (if
+    ``encoder``) a small random retrieval encoder so that re-ranking works."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok = TextTokenizer.train(TEXTS, 300)
+        tok.save(tmp / "text")
+        vq = ImageTokenizer(VQConfig(resolution=resolution, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                                     attn_resolutions=(), z_channels=8, embed_dim=8, codebook_size=16,
+                                     num_groups=4))
+        vq.save_pretrained(tmp / "image")
+        vocab = Vocab(text_size=tok.vocab_size, image_size=16, image_seq_len=vq.tokens_per_image)
+        model = Transformer(ModelConfig.from_name("tiny", vocab_size=vocab.size))
+        with torch.no_grad():  # the LM head is zero-initialised (paper): give it random weights
+            for p in model.parameters():
+                p.normal_(0.0, 0.5) if p.ndim == 2 else None
+        save_model(model, tmp / "model")
+        save_json(vocab.to_dict(), tmp / "model" / "vocab.json")
+        enc_dir = None
+        if encoder:
+            enc_cfg = DualEncoderConfig(vocab_size=tok.vocab_size, dim=16, width=16, text_layers=1, text_heads=2,
+                                        max_text_len=16, image_size=16, channels=(8, 16))
+            enc_dir = DualEncoder(DualEncoderModel(enc_cfg), tok).save(tmp / "encoder")
+        CM3Leon.assemble(out, model_dir=tmp / "model", text_tokenizer_dir=tmp / "text",
+                         image_tokenizer_dir=tmp / "image", encoder_dir=enc_dir)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a loopback socket in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
