@@ -42,10 +42,10 @@ function figure(b64, caption) {
 
 function addToGallery(images, caption, scores) {
   const gallery = $("#gallery");
-  images.forEach((b64, i) => {
+  for (let i = images.length - 1; i >= 0; i--) {  // newest results first, each result in its own order
     const text = scores ? `${caption} (CLIP ${scores[i].toFixed(3)})` : caption;
-    gallery.insertBefore(figure(b64, text), gallery.firstChild);
-  });
+    gallery.insertBefore(figure(images[i], text), gallery.firstChild);
+  }
 }
 
 // Server-sent events over a POST (EventSource only does GET): yields {event, data}.
