@@ -276,11 +276,18 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         recs = list(ds)
         got = retriever.retrieve(recs, query_ids=np.arange(len(recs)), training=True)
         attach_neighbors(d / "pretrain", got.ids, rows="dataset")
+        # Held-out validation shards (validated without retrieved documents: their neighbours
+        # live in the train shards, which a PretrainDataset over these shards cannot address).
+        write_dataset(d / "pretrain_val_view", _pretrain_view(p, data["val"]), overwrite=True)
+        tokenize_dataset(d / "pretrain_val_view", text_tok, image_tok, d / "pretrain_val", overwrite=True)
         rng = random.Random(0)
-        sft = tokenize_sft((ex for r in recs for ex in record_sft_examples(r, rng)), text_tok, image_tok,
-                           d / "sft", overwrite=True)
+        sft = tokenize_sft((ex for r in Dataset(data["train"]) for ex in record_sft_examples(r, rng)), text_tok,
+                           image_tok, d / "sft", overwrite=True)
+        tokenize_sft((ex for r in Dataset(data["val"]) for ex in record_sft_examples(r, rng)), text_tok, image_tok,
+                     d / "sft_val", overwrite=True)
         filled = float((got.ids >= 0).mean())
-        return {"pretrain": str(d / "pretrain"), "sft": str(d / "sft"), "pretrain_docs": len(sh),
+        return {"pretrain": str(d / "pretrain"), "sft": str(d / "sft"), "pretrain_val": str(d / "pretrain_val"),
+                "sft_val": str(d / "sft_val"), "pretrain_docs": len(sh),
                 "pretrain_tokens": int(sh.n_tokens), "sft_docs": len(sft), "neighbour_fill": filled,
                 "policy": got.stats.as_dict()}
 
@@ -308,7 +315,7 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
 
         vocab = Shards(shards["pretrain"]).vocab
         data = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=0)
-        val = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=1)
+        val = PretrainDataset(shards["pretrain_val"], seq_len=p.seq_len, n_retrieved=0, seed=1)
         cfg = TrainConfig(steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr,
                           warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
@@ -334,7 +341,7 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
                           warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
                           eval_batches=4, device=_device(p))
-        val = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=1)
+        val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1)
         res = train(_model_config(p, vocab.size), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"])
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "mixture": data.table()}
@@ -405,8 +412,8 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
     p = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if p.device == "auto" and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if p.device == "auto" and not torch.cuda.is_available() and os.environ.get("CM3LEON_THREADS"):
+        torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
     t0 = time.perf_counter()
     st = Stages(out, p, force=force)
     data = st.run("data", _stage_data(p))
