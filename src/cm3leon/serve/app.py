@@ -623,8 +623,7 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         """Liveness: the worker thread is up; queue depth and busy rows."""
-        alive = batcher._thread is not None and batcher._thread.is_alive()
-        if not alive:
+        if not batcher.alive:
             raise APIError(503, "the model worker is not running", "server_error")
         return {"status": "ok", "queue_depth": batcher.queue_depth, "busy_rows": batcher.busy_rows}
 

@@ -167,6 +167,11 @@ class DynamicBatcher:
         return queued
 
     @property
+    def alive(self) -> bool:
+        """True while the worker thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         """Jobs waiting to run."""
         return len(self._pending)
