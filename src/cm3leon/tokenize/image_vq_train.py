@@ -416,7 +416,7 @@ def _disc_step(disc: torch.nn.Module, opt: torch.optim.Optimizer, real: torch.Te
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def _checkpoint(ckpt_dir: Path, model: ImageTokenizer, opt: torch.optim.Optimizer, names: list[str], step: int,

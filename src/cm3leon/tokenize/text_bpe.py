@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -182,3 +183,31 @@ def _check_is_plain_byte_level_bpe(tok: Tokenizer, *, where: str) -> None:
             f"{where}: not a plain byte-level BPE: {'; '.join(problems)}. Control tokens belong to "
             "cm3leon.vocab.Vocab; retrain with TextTokenizer.train"
         )
+
+
+# Keys under which a record's meta holds caption-like text (documented in docs/tokenizers.md).
+TEXT_META_KEYS = ("caption", "question", "answer", "instruction", "prompt", "text", "context", "explanation",
+                  "options", "rationale")
+
+
+def record_texts(text: str | None, meta: Mapping[str, Any] | None) -> Iterator[str]:
+    """The strings of one record that a text tokenizer should learn from: its ``text`` and
+    every string in ``meta`` found under a key containing one of :data:`TEXT_META_KEYS`
+    (e.g. ``captions.detailed``, ``vqa[i].question``/``answer``, ``edit.instruction``)."""
+    if text:
+        yield text
+    if meta:
+        yield from _meta_strings(meta, matched=False)
+
+
+def _meta_strings(obj: Any, *, matched: bool) -> Iterator[str]:
+    if isinstance(obj, str):
+        if matched and obj.strip():
+            yield obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            key = str(k).lower()
+            yield from _meta_strings(v, matched=matched or any(w in key for w in TEXT_META_KEYS))
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _meta_strings(v, matched=matched)
