@@ -347,7 +347,7 @@ def test_full_queue_answers_429_and_timeouts_504(pipe: CM3Leon) -> None:
         wait_until(lambda: app.state.batcher.queue_depth == 1)
         r = c.post(GEN, json={"prompt": "third"})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
-        assert "queue is full" in r.json()["error"]["message"]
+        assert "queue is full" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
         # nobody opens the gate: both time out; the queued one is dropped without running
         for f in (running, queued):
             r = f.result(30)

@@ -93,8 +93,9 @@ class ServeConfig:
 class APIError(StarletteHTTPException):
     """An error answered as ``{"error": {"message", "type"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(status_code=status, detail=message)
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.kind = kind
 
 
@@ -495,8 +496,8 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     # ---- error handlers -------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = getattr(exc, "allowed_fields", None) or _model_fields(ImageGenerationRequest)
-        return _error(422, _validation_message(exc.errors(), fields))
+        # FastAPI validates the JSON bodies (generation requests); forms are validated in read_form
+        return _error(422, _validation_message(exc.errors(), _model_fields(ImageGenerationRequest)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -517,7 +518,7 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         try:
             return batcher.submit(key, payload, rows=rows, progress=progress)
         except QueueFullError as e:
-            raise APIError(429, str(e), "rate_limit_exceeded") from e
+            raise APIError(429, str(e), "rate_limit_exceeded", {"Retry-After": "1"}) from e
         except RuntimeError as e:
             raise APIError(503, str(e), "server_error") from e
 
