@@ -20,6 +20,15 @@ from cm3leon.vocab import Vocab
 V = Vocab(text_size=40, image_size=24, image_seq_len=12)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # noqa: ANN202
+    """Tiny matmuls: one thread is faster than two on a shared CPU (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(0)
@@ -41,18 +50,23 @@ def _full_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
         return model(torch.tensor([seq]))[0]  # (T, V)
 
 
-def test_cached_cfg_streams_equal_full_forward_of_each_sequence(model: Transformer) -> None:
+@pytest.mark.parametrize("n_streams", [2, 3])
+def test_cached_guided_streams_equal_full_forward_of_each_sequence(model: Transformer, n_streams: int) -> None:
     cfg = SamplingConfig(guidance=3.0, seed=5)
     n = 2
     cond = [p for p in PROMPTS for _ in range(n)]
-    unc = [unconditional_prompt(p, V) for p in cond]
+    streams = [cond, [unconditional_prompt(p, V) for p in cond]]
+    if n_streams == 3:  # editing-like: [full, image only, neither]
+        img = V.codes_to_ids(list(range(V.image_seq_len)))
+        cond = [[V.eos_id, *img, *p[1:]] for p in cond]
+        streams = [cond] + [[unconditional_prompt(p, V, mask_images=m) for p in cond] for m in (False, True)]
     seen: list[torch.Tensor] = []
     out = decode_streams(
-        model, V, [cond, unc], cfg, n_new=V.image_seq_len, allowed=image_allowed(V),
+        model, V, streams, cfg, n_new=V.image_seq_len, allowed=image_allowed(V),
         on_logits=lambda i, lg: seen.append(lg.clone()),
     )
-    assert len(seen) == V.image_seq_len
-    for s, stream in enumerate([cond, unc]):
+    assert len(seen) == V.image_seq_len and seen[0].shape[0] == n_streams
+    for s, stream in enumerate(streams):
         for b, prompt in enumerate(stream):
             full = _full_logits(model, prompt + out[b].tolist())
             for i in range(V.image_seq_len):
@@ -79,6 +93,23 @@ def test_greedy_cfg_equals_naive_reference(model: Transformer) -> None:
     got = generate_image_tokens(model, V, PROMPTS, cfg)
     for b, p in enumerate(PROMPTS):
         assert V.codes_to_ids(got[b].tolist()) == _naive_greedy_cfg(model, p, 3.0)
+
+
+def test_greedy_instruct_cfg_equals_naive_reference(model: Transformer) -> None:
+    img = V.codes_to_ids([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    prompts = [[V.eos_id, *img, *p[1:]] for p in PROMPTS]  # <eos> IMAGE instruction <break>
+    got = generate_image_tokens(model, V, prompts, SamplingConfig(greedy=True), instruct=True)
+    allowed = image_allowed(V)
+    for b, p in enumerate(prompts):
+        full, im, none = p, unconditional_prompt(p, V), unconditional_prompt(p, V, mask_images=True)
+        ref = []
+        for _ in range(V.image_seq_len):
+            lf, li, ln = (_full_logits(model, s)[-1] for s in (full, im, none))
+            mixed = ln + 1.5 * (li - ln) + 7.5 * (lf - li)  # paper §4: image 1.5, text 7.5
+            t = int(mixed.masked_fill(~allowed, float("-inf")).argmax())
+            ref.append(t)
+            full, im, none = full + [t], im + [t], none + [t]
+        assert V.codes_to_ids(got[b].tolist()) == ref
 
 
 def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(model: Transformer) -> None:
