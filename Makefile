@@ -11,7 +11,7 @@ TORCH_PIN := $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 OUT ?= runs/quickstart
 PRESET ?= default
 
-.PHONY: venv quickstart test lint bench clean
+.PHONY: venv quickstart test lint bench clean browser
 
 venv: $(STAMP)
 
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml Makefile
 quickstart: $(STAMP)
 	$(VENV)/bin/cm3leon quickstart --out $(OUT) --preset $(PRESET)
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium; install it when we can (root + apt), else that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the browser test will be skipped"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -232,6 +232,7 @@ class CM3Leon:
         rerank: bool = False,
         seed: int = 0,
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        callback_every: int = 16,
     ) -> list[GenerationResult]:
         """Text-to-image for a batch of prompts (paper §3), all decoded in one batch.
 
@@ -239,7 +240,8 @@ class CM3Leon:
         stream ``<eos> <mask:0> <break>``. ``cd_k`` switches to CD-K; ``mix`` draws half
         top-p+CFG and half CD-K (the paper's mix); ``retrieve`` prepends 0/1/2 retrieved
         documents to every stream; ``rerank`` orders each prompt's ``n`` samples by CLIP
-        score with the retrieval encoder (best first).
+        score with the retrieval encoder (best first). ``callback(n_done, codes)`` sees the
+        partial codes every ``callback_every`` tokens (progressive previews).
         """
         prompts = [_check_prompt(p) for p in prompts]
         if not prompts:
@@ -261,10 +263,10 @@ class CM3Leon:
             self._check_fits(conds[-1], self.vocab.image_seq_len)
         if mix:
             codes, _ = sample_mix(self.model, self.vocab, conds, cfg, n_per_prompt=n, uncond_prompts=unconds,
-                                  callback=callback)
+                                  callback=callback, callback_every=callback_every)
         else:
             codes = generate_image_tokens(self.model, self.vocab, conds, cfg, uncond_prompts=unconds,
-                                          n_per_prompt=n, callback=callback)
+                                          n_per_prompt=n, callback=callback, callback_every=callback_every)
         images = self.decode_images(codes)
         results = []
         for j, p in enumerate(prompts):
