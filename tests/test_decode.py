@@ -262,3 +262,10 @@ def test_rerank_orders_by_cosine() -> None:
         rerank_groups(_ColorEncoder(), ["red"], [_solid(c) for c in cols], n_per_prompt=2)
     with pytest.raises(ValueError, match="no candidate"):
         rerank(_ColorEncoder(), "red", [])
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(model: Transformer) -> None:
+    cfg = SamplingConfig(greedy=True, guidance=3.0)
+    eager = generate_image_tokens(model, V, PROMPTS, cfg)
+    assert torch.equal(generate_image_tokens(model, V, PROMPTS, cfg, compile=True), eager)
