@@ -265,7 +265,8 @@ class CM3Leon:
             codes, _ = sample_mix(self.model, self.vocab, conds, cfg, n_per_prompt=n, uncond_prompts=unconds,
                                   callback=callback, callback_every=callback_every)
         else:
-            codes = generate_image_tokens(self.model, self.vocab, conds, cfg, uncond_prompts=unconds,
+            guided = guidance != 1.0 or cd_k is not None  # scale 1 without CD-K is plain decoding: one stream
+            codes = generate_image_tokens(self.model, self.vocab, conds, cfg, uncond_prompts=unconds if guided else None,
                                           n_per_prompt=n, callback=callback, callback_every=callback_every)
         images = self.decode_images(codes)
         results = []
