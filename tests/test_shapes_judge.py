@@ -4,6 +4,7 @@ robust to noise and blur, and sensitive to each attribute."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 
 import numpy as np
@@ -69,6 +70,23 @@ def test_noisy_and_blurred_images(scenes):
         img = _degrade(render(s), rng, sigma=10.0, blur=0.5 * s.size / 32)
         ok.append(judge(img, _specs(s)).all_correct)
     assert np.mean(ok) >= 0.95, np.mean(ok)
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def test_compression_and_resampling_artifacts(scenes):
+    """Stand-ins for VQ-GAN reconstructions: JPEG blocks and chroma bleeding; a 2x down-up
+    resample at 64 px (at 32 px that leaves ~4 px objects, beyond any judge)."""
+    ok_jpeg = [judge(_jpeg(render(s), 75), _specs(s)).all_correct for s in scenes[:60]]
+    big = [s for s in scenes[:80] if s.size == 64]
+    ok_resample = [judge(render(s).resize((32, 32), Image.Resampling.BILINEAR).resize((64, 64), Image.Resampling.BILINEAR),
+                         _specs(s)).all_correct for s in big]
+    assert np.mean(ok_jpeg) >= 0.95, np.mean(ok_jpeg)
+    assert np.mean(ok_resample) >= 0.95, np.mean(ok_resample)
 
 
 def test_each_shape_color_and_size_is_recognised_at_32px():

@@ -4,15 +4,15 @@ Detection (:func:`detect_objects`):
 
 1. every pixel snaps to the nearest Shapes palette color or the white background, but only
    when it is confidently close (absolute distance and a ratio test against the second
-   nearest); blurred edges and odd colors become "unknown";
-2. each color's 8-connected components above a minimum area are object candidates
-   (speckle from noise is dropped);
-3. each blob is explained by the best-fitting shape template (circle, square, triangle,
-   diamond at every side length and offset, scored by cv2.matchTemplate): an IoU between
-   template and blob in which template pixels lying on other objects or unknown pixels
-   cost only a fraction, so an object partly hidden behind a later one is still matched by
-   its whole footprint. The template gives shape, side length (-> size class), box and
-   center (-> 3x3 position).
+   nearest); blurred edges and odd colors stay "unsure";
+2. each color's mask is opened (dropping speckle and the thin fringes where two colors
+   blend into a third) and its 8-connected components above a minimum area are objects;
+3. each object is explained by the shape template (circle, square, triangle, diamond at
+   every side length and offset, sharp or Gaussian-blurred) minimizing the weighted squared
+   error to the object's soft membership map (unsure pixels count as a mix of the color and
+   the background); template pixels lying on other objects cost little, so an object partly
+   hidden behind a later one is still matched by its whole footprint. The template gives
+   shape, side length (-> size class), box and center (-> 3x3 position).
 
 Judging (:func:`judge`) matches prompt objects to detections (Hungarian assignment on
 attribute agreement, color first) and reports, per object, whether each checked attribute
@@ -51,18 +51,22 @@ _BG = len(_COLOR_NAMES)
 _UNKNOWN = -1
 # Longest canvas side the detector works at; larger images are box-downsampled first.
 _WORK_SIZE = 64
+_SQUARE3 = np.ones((3, 3), dtype=bool)
+_OPEN = np.ones((2, 2), dtype=bool)
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
     """Detector thresholds (fractions are of the canvas side ``S`` or area ``S*S``)."""
 
-    max_color_dist: float = 90.0  # RGB distance to accept a palette color
-    ratio: float = 0.7  # nearest must be this much closer than the second nearest
+    max_color_dist: float = 110.0  # RGB distance to accept a palette color
+    ratio: float = 0.85  # nearest must be this much closer than the second nearest
     min_area: float = 0.010  # blobs under this fraction of the canvas are speckle
-    min_core: float = 0.004  # ... and so are blobs whose 1-px erosion is smaller than this
     occluder_cost: float = 0.2  # cost of a template pixel on another object (it may hide there)
     min_side: float = 0.15
+    blur_sigmas: tuple[float, ...] = (0.0, 0.7, 1.2)  # blur levels (px) templates are tried at
+    good_enough: float = 0.02  # stop trying blurrier templates once the error is this fraction
+    unknown_resid: float = 90.0  # an unsure pixel this far from the color-background line is foreign
     max_side: float = 0.65
 
 
@@ -134,65 +138,81 @@ def _membership(arr: np.ndarray, lab: np.ndarray, ci: int, cfg: JudgeConfig) -> 
     a = np.clip(rel @ v / float(v @ v), 0.0, 1.0)
     resid = np.linalg.norm(rel - a[..., None] * v, axis=-1)
     other_color = (lab >= 0) & (lab != _BG) & (lab != ci)
-    foreign = other_color | ((lab == _UNKNOWN) & (resid > cfg.max_color_dist / 2))
+    foreign = other_color | ((lab == _UNKNOWN) & (resid > cfg.unknown_resid))
     alpha = np.where(lab == ci, 1.0, np.where(foreign, 0.0, a))
     return alpha.astype(np.float32), foreign
 
 
-@functools.lru_cache(maxsize=1024)
-def _template(shape: str, d: int) -> np.ndarray:
-    return shape_mask(shape, d).astype(np.float32)
+@functools.lru_cache(maxsize=4096)
+def _template(shape: str, d: int, sigma: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The footprint of ``shape`` at side ``d`` blurred by a Gaussian of ``sigma`` px, padded by
+    ``r`` px each side: ``(T, T**2, r)``."""
+    t = shape_mask(shape, d).astype(np.float32)
+    if sigma <= 0:
+        return t, t, 0
+    r = int(np.ceil(2.5 * sigma))
+    t = cv2.GaussianBlur(np.pad(t, r), (2 * r + 1, 2 * r + 1), sigma, borderType=cv2.BORDER_CONSTANT)
+    return t, t * t, r
 
 
 def _fit_template(
-    blob: np.ndarray, alpha: np.ndarray, cost: np.ndarray, S: int, cfg: JudgeConfig, slack: int = 2
+    blob: np.ndarray, alpha: np.ndarray, weight: np.ndarray, S: int, cfg: JudgeConfig, slack: int = 2
 ) -> tuple[str, int, int, int, float]:
-    """Best ``(shape, x0, y0, d, score)`` template for a blob: the soft IoU between the template
-    and ``alpha`` where template pixels off the object cost ``cost * (1 - alpha)``. Templates
-    are tried at every side ``d`` and every offset that covers the blob's box (+- ``slack``)."""
+    """Best ``(shape, x0, y0, d, fit)`` explanation of a blob: the shape footprint (side ``d`` at
+    ``(x0, y0)``, optionally blurred) minimizing the weighted squared error to the membership
+    map ``alpha``, sum(weight * (alpha - template)**2) over the canvas. ``weight`` is small
+    on other objects (the shape may be hidden under them). Offsets are those whose footprint
+    covers the blob's box (+- ``slack``); ``fit`` = 1 - error / sum(weight * alpha**2)."""
     ys, xs = np.nonzero(blob)
     y_lo, y_hi, x_lo, x_hi = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     extent = max(y_hi - y_lo, x_hi - x_lo)
     d_lo = max(2, int(round(cfg.min_side * S)), extent - 2 * slack)
     d_hi = max(d_lo, min(int(round(cfg.max_side * S)), int(np.ceil(extent / 0.6)) + 2))
-    pad = d_hi + slack
-    alphap = np.pad(alpha, pad)
-    penp = np.pad(cost * (1.0 - alpha), pad, constant_values=1.0)  # outside the canvas costs 1
-    total = float(alpha.sum())
+    r_max = int(np.ceil(2.5 * max(cfg.blur_sigmas)))
+    pad = d_hi + slack + r_max
+    wa = np.pad(weight * alpha, pad)
+    wp = np.pad(weight, pad, constant_values=1.0)  # covering pixels outside the canvas costs 1
+    c0 = float((weight * alpha * alpha).sum())
 
-    def best_at(d: int) -> tuple[str, int, int, int, float] | None:
-        # template origins ty in [y_hi - d - slack, y_lo + slack] (same for x)
+    def best_at(d: int, sigma: float) -> tuple[float, str, int, int, int] | None:
+        # footprint origins ty in [y_hi - d - slack, y_lo + slack] (same for x)
         ty0, tx0 = y_hi - d - slack, x_hi - d - slack
         if d < 2 or ty0 > y_lo + slack or tx0 > x_lo + slack:
             return None
-        rows = slice(ty0 + pad, y_lo + slack + d + pad)
-        cols = slice(tx0 + pad, x_lo + slack + d + pad)
-        a_win = np.ascontiguousarray(alphap[rows, cols])
-        p_win = np.ascontiguousarray(penp[rows, cols])
         found = None
         for shape in SHAPES:
-            t = _template(shape, d)
-            score = cv2.matchTemplate(a_win, t, cv2.TM_CCORR)
-            score /= total + cv2.matchTemplate(p_win, t, cv2.TM_CCORR) + 1e-6
-            k = int(np.argmax(score))
-            sc = float(score.flat[k])
-            if found is None or sc > found[4] + 1e-6:
-                ty, tx = divmod(k, score.shape[1])
-                found = (shape, tx + tx0, ty + ty0, d, sc)
+            t, t2, r = _template(shape, d, sigma)
+            rows = slice(ty0 - r + pad, y_lo + slack + d + r + pad)
+            cols = slice(tx0 - r + pad, x_lo + slack + d + r + pad)
+            err = cv2.matchTemplate(np.ascontiguousarray(wp[rows, cols]), t2, cv2.TM_CCORR)
+            err -= 2.0 * cv2.matchTemplate(np.ascontiguousarray(wa[rows, cols]), t, cv2.TM_CCORR)
+            k = int(np.argmin(err))
+            e = float(err.flat[k]) + c0
+            if found is None or e < found[0] - 1e-6:
+                ty, tx = divmod(k, err.shape[1])
+                found = (e, shape, tx + tx0, ty + ty0, d)
         return found
 
-    # coarse pass over every other side length, then refine around the two best
-    coarse = {d: best_at(d) for d in range(d_lo, d_hi + 1, 2)}
-    fits = {d: f for d, f in coarse.items() if f is not None}
-    for d in sorted(fits, key=lambda d: -fits[d][4])[:2]:
-        for dd in (d - 1, d + 1):
-            if dd not in fits and d_lo <= dd <= d_hi:
-                f = best_at(dd)
-                if f is not None:
-                    fits[dd] = f
+    fits: dict[tuple[int, float], tuple[float, str, int, int, int]] = {}
+    for sigma in cfg.blur_sigmas:
+        # coarse pass over every other side length, then refine around the two best
+        for d in range(d_lo, d_hi + 1, 2):
+            f = best_at(d, sigma)
+            if f is not None:
+                fits[d, sigma] = f
+        coarse = sorted((k for k in fits if k[1] == sigma), key=lambda k: fits[k][0])[:2]
+        for d, _ in coarse:
+            for dd in (d - 1, d + 1):
+                if (dd, sigma) not in fits and d_lo <= dd <= d_hi:
+                    f = best_at(dd, sigma)
+                    if f is not None:
+                        fits[dd, sigma] = f
+        if fits and min(f[0] for f in fits.values()) <= cfg.good_enough * c0:
+            break  # a sharp (or this blurred) template explains the blob already
     if not fits:
         return ("circle", x_lo, y_lo, extent, 0.0)
-    return max(fits.values(), key=lambda f: (f[4], -f[3]))
+    e, shape, x0, y0, d = min(fits.values(), key=lambda f: (f[0], f[4]))
+    return shape, x0, y0, d, max(0.0, 1.0 - e / max(c0, 1e-6))
 
 
 def detect_objects(image: Image.Image, cfg: JudgeConfig | None = None) -> list[DetectedObject]:
@@ -210,23 +230,24 @@ def detect_objects(image: Image.Image, cfg: JudgeConfig | None = None) -> list[D
     arr = np.asarray(image, dtype=np.float32)
     lab = _snap(arr, cfg)
     min_area = max(3, cfg.min_area * S * S)
-    min_core = max(2, cfg.min_core * S * S)
     small, large = SIZE_FRACTIONS["small"] * S, SIZE_FRACTIONS["large"] * S
     out = []
     for ci in range(len(_COLOR_NAMES)):
-        comps, n = ndimage.label(lab == ci, structure=np.ones((3, 3)))
+        # opening drops speckle and the thin fringes where two colors blend (red over yellow
+        # reads orange, orange next to blue reads purple)
+        solid = ndimage.binary_opening(lab == ci, structure=_OPEN)
+        comps, n = ndimage.label(solid, structure=_SQUARE3)
         if n == 0:
             continue
         alpha_c, foreign = _membership(arr, lab, ci, cfg)
-        cost = np.where(foreign, cfg.occluder_cost, 1.0).astype(np.float32)
+        weight = np.where(foreign, cfg.occluder_cost, 1.0).astype(np.float32)
         for k in range(1, n + 1):
             m = comps == k
-            # speckle, and thin fringes where two colors blend (red over yellow reads orange)
-            if m.sum() < min_area or ndimage.binary_erosion(m).sum() < min_core:
+            if m.sum() < min_area:
                 continue
             near = ndimage.binary_dilation(m, iterations=2) & ((comps == 0) | m)
             alpha = np.where(near, alpha_c, 0.0).astype(np.float32)
-            shape, x0, y0, d, fit = _fit_template(m, alpha, cost, S, cfg)
+            shape, x0, y0, d, fit = _fit_template(m, alpha, weight, S, cfg)
             size = "small" if d < (small + large) / 2 else "large"
             cx, cy = (x0 + d / 2.0) * scale, (y0 + d / 2.0) * scale
             box = (int(round(x0 * scale)), int(round(y0 * scale)),
