@@ -59,15 +59,18 @@ _OPEN = np.ones((2, 2), dtype=bool)
 class JudgeConfig:
     """Detector thresholds (fractions are of the canvas side ``S`` or area ``S*S``)."""
 
+    # pixel -> color snapping
     max_color_dist: float = 110.0  # RGB distance to accept a palette color
     ratio: float = 0.85  # nearest must be this much closer than the second nearest
+    unknown_resid: float = 90.0  # an unsure pixel this far from the color-background line is foreign
+    # blobs
     min_area: float = 0.010  # blobs under this fraction of the canvas are speckle
-    occluder_cost: float = 0.2  # cost of a template pixel on another object (it may hide there)
-    min_side: float = 0.15
+    # template fitting
+    min_side: float = 0.15  # template sides tried, as fractions of the canvas
+    max_side: float = 0.65
+    occluder_cost: float = 0.2  # weight of a template pixel on another object (it may hide there)
     blur_sigmas: tuple[float, ...] = (0.0, 0.7, 1.2)  # blur levels (px) templates are tried at
     good_enough: float = 0.02  # stop trying blurrier templates once the error is this fraction
-    unknown_resid: float = 90.0  # an unsure pixel this far from the color-background line is foreign
-    max_side: float = 0.65
 
 
 @dataclass(frozen=True)
