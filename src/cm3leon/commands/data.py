@@ -179,7 +179,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 # Subcommands of `cm3leon data`, in --help order; append new `add_*` functions here.
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_shapes, add_inspect, add_convert)
+def add_tokenize(sub: argparse._SubParsersAction) -> None:
+    from cm3leon.data.shards_cli import add_tokenize_parser
+
+    add_tokenize_parser(sub)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_shapes, add_inspect, add_convert, add_tokenize)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
