@@ -1,14 +1,22 @@
 """Static key/value cache for incremental decoding (gpt-fast style).
 
 The cache preallocates K/V buffers for every layer, ``[n_layers, B, n_heads, max_len,
-head_dim]``, and writes them by index, so every decode step has the same shapes: the new
-token attends over the whole ``max_len`` buffer under a boolean key mask (``valid``).
-Left padding in a batch of prompts is just ``valid == False`` on those slots; positions
-count only valid tokens, so a padded row decodes exactly like the same row alone.
+head_dim]``. Left padding in a batch of prompts is just ``valid == False`` on those
+slots; positions count only valid tokens, so a padded row decodes exactly like the same
+row alone. Two ways to attend, same results:
+
+- eager (default): the slot is a host int and the new tokens attend over the used
+  prefix ``[:slot + 1]`` only (what is cheap on CPU);
+- static (``static=True``, and always under ``torch.compile``): the slot is a tensor and
+  every step attends over the whole ``max_len`` buffer under the key mask, so shapes
+  never change and ``torch.compile(decode_one_token, fullgraph=True)`` compiles once
+  (CUDA graphs need this too).
 
 The cache owns all decoding state (buffers, key mask, per-row positions, next slot);
-the model is never mutated. :func:`decode_one_token` keeps the slot as a tensor and
-uses static shapes, so ``torch.compile(decode_one_token, fullgraph=True)`` compiles once.
+the model is never mutated. Both paths keep the device-side state (``valid``, ``pos``,
+``slot``) up to date; only eager calls advance the host-side slot count, so a cache
+stepped by a compiled :func:`decode_one_token` must be allocated with ``static=True``
+if eager steps follow.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.transformer import Transformer, positions_from_valid
+from cm3leon.model.transformer import Transformer, padded_causal_mask, positions_from_valid
 
 
 class KVCache(nn.Module):
@@ -44,6 +52,7 @@ class KVCache(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ) -> None:
         super().__init__()
         shape = (n_layers, batch, n_heads, max_len, head_dim)
@@ -54,6 +63,7 @@ class KVCache(nn.Module):
         self.register_buffer("slot", torch.zeros(1, device=device, dtype=torch.long), persistent=False)
         self.batch = batch
         self.max_len = max_len
+        self.static = static
         # Host-side count of slots written by eager calls: bounds checks without reading the
         # device (no sync). Compiled decode steps do not update it, so it can only undercount.
         self._written = 0
@@ -72,8 +82,13 @@ class KVCache(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ) -> KVCache:
-        """An empty cache for ``batch`` streams of at most ``max_len`` tokens (prompt + generated)."""
+        """An empty cache for ``batch`` streams of at most ``max_len`` tokens (prompt + generated).
+
+        ``static=True`` makes eager steps attend over the whole buffer too (fixed shapes,
+        as compiled steps always do); the default attends over the used slots only.
+        """
         if batch <= 0:
             raise ValueError(f"batch must be positive, got {batch}")
         if not 0 < max_len <= cfg.max_seq_len:
@@ -81,7 +96,7 @@ class KVCache(nn.Module):
                 f"max_len={max_len} must be in [1, max_seq_len={cfg.max_seq_len}]; "
                 "shorten the prompt or the number of tokens to generate"
             )
-        return cls(cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
+        return cls(cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim, device=device, dtype=dtype, static=static)
 
     def layers(self) -> list[tuple[Tensor, Tensor]]:
         """The per-layer (K, V) buffer views, each Float[B, nh, S, hd]."""
@@ -120,15 +135,17 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache) -> T
         raise ValueError(f"prompt length {T} exceeds the cache's max_len={cache.max_len}; allocate a larger cache")
     cache.reset()
     cache.valid[:, :T] = valid
-    S = cache.max_len
     q_idx = torch.arange(T, device=ids.device)
-    k_idx = torch.arange(S, device=ids.device)
-    causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
-    # A query always sees itself so pad rows stay finite (see padded_causal_mask).
-    attn_mask = (causal & cache.valid[:, None, None, :]) | (k_idx[None, :] == q_idx[:, None])  # (B, 1, T, S)
-    logits = model.forward_cached(
-        ids, positions_from_valid(valid), kv=cache.layers(), slots=q_idx, attn_mask=attn_mask
-    )
+    slots: Tensor | int = 0
+    if cache.static or torch.compiler.is_compiling():
+        k_idx = torch.arange(cache.max_len, device=ids.device)
+        causal = k_idx[None, :] <= q_idx[:, None]  # (T, S)
+        # A query always sees itself so pad rows stay finite (see padded_causal_mask).
+        attn_mask = (causal & cache.valid[:, None, None, :]) | (k_idx[None, :] == q_idx[:, None])  # (B, 1, T, S)
+        slots = q_idx
+    else:
+        attn_mask = padded_causal_mask(valid)  # (B, 1, T, T): the used slots only
+    logits = model.forward_cached(ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask)
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
     cache._written = T
@@ -138,16 +155,34 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache) -> T
 def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
     """Feed one new token per row, ``ids`` Long[B, 1], at the next slot; returns logits Float[B, V].
 
-    Each row uses its own next position (``cache.pos``). Shapes are static and the slot is a
-    tensor, so the function compiles once (no recompiles as the slot advances). Bounds are
-    checked on the host when running eagerly (no device sync).
+    Each row uses its own next position (``cache.pos``). Eagerly (default cache) the token
+    attends over the used slots only; under ``torch.compile`` or with a ``static`` cache,
+    shapes are static and the slot is a tensor, so the function compiles once (no
+    recompiles as the slot advances). Bounds are checked on the host when running eagerly
+    (no device sync).
     """
-    if not torch.compiler.is_compiling():
-        if ids.shape != (cache.batch, 1):
-            raise ValueError(f"ids must be [{cache.batch}, 1], got {tuple(ids.shape)}")
-        if cache._written >= cache.max_len:
-            raise ValueError(f"the KV cache is full (max_len={cache.max_len}); allocate a larger cache")
-        cache._written += 1
+    if torch.compiler.is_compiling():
+        return _decode_static(model, ids, cache)
+    if ids.shape != (cache.batch, 1):
+        raise ValueError(f"ids must be [{cache.batch}, 1], got {tuple(ids.shape)}")
+    slot = cache._written
+    if slot >= cache.max_len:
+        raise ValueError(f"the KV cache is full (max_len={cache.max_len}); allocate a larger cache")
+    cache._written += 1
+    if cache.static:
+        return _decode_static(model, ids, cache)
+    cache.valid[:, slot] = True
+    # One additive mask for all layers (a Bool mask is converted to this in every layer).
+    valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
+    attn_mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(~valid, float("-inf"))
+    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask)
+    cache.pos.add_(1)
+    cache.slot.add_(1)
+    return logits[:, -1]  # (B, V)
+
+
+def _decode_static(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
+    """:func:`decode_one_token` with static shapes: the slot is a tensor, the whole buffer is attended."""
     slot = cache.slot
     cache.valid.index_fill_(1, slot, True)
     attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, S)

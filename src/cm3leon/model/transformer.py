@@ -54,7 +54,7 @@ class Attention(nn.Module):
         x: Tensor,
         attn_mask: Tensor | None = None,
         kv: tuple[Tensor, Tensor] | None = None,
-        slots: Tensor | None = None,
+        slots: Tensor | int | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
@@ -62,11 +62,20 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         if kv is not None:
-            # Write the new keys/values into the static buffers, then attend over all of them.
             k_buf, v_buf = kv  # (B, nh, S, hd)
-            k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
-            v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
-            q, k, v = q.to(k_buf.dtype), k_buf, v_buf
+            if isinstance(slots, int):
+                # Eager: write slots [slots, slots + T), attend over the used prefix only.
+                end = slots + T
+                k_buf[:, :, slots:end] = k
+                v_buf[:, :, slots:end] = v
+                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            else:
+                # Static shapes (torch.compile / CUDA graphs): write by a slot tensor, attend
+                # over the whole buffer (the mask hides unused slots).
+                k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
+                v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
+                k, v = k_buf, v_buf
+            q = q.to(k_buf.dtype)
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -103,7 +112,7 @@ class Block(nn.Module):
         x: Tensor,
         attn_mask: Tensor | None = None,
         kv: tuple[Tensor, Tensor] | None = None,
-        slots: Tensor | None = None,
+        slots: Tensor | int | None = None,
     ) -> Tensor:
         x = x + self.attn(self.ln1(x), attn_mask, kv, slots)
         return x + self.mlp(self.ln2(x))
@@ -185,14 +194,17 @@ class Transformer(nn.Module):
         positions: Tensor,
         *,
         kv: list[tuple[Tensor, Tensor]],
-        slots: Tensor,
+        slots: Tensor | int,
         attn_mask: Tensor,
     ) -> Tensor:
         """Forward of new tokens against a static KV cache (used by ``kv_cache.py``).
 
         Each layer writes its keys/values for ``ids`` Long[B, T] into ``kv[layer]``
-        (two Float[B, nh, S, hd] buffers) at ``slots`` Long[T], then attends over the
-        whole buffer under ``attn_mask`` Bool[B, 1, T, S]. Returns logits Float[B, T, V].
+        (two Float[B, nh, S, hd] buffers), then attends under ``attn_mask`` (Bool, or an
+        additive float mask). ``slots`` Long[T] (static shapes, for torch.compile): write
+        at those slots and attend over the whole buffer, ``attn_mask`` [B, 1, T, S].
+        ``slots`` an int s (eager): write at s..s+T-1 and attend over the first s + T
+        slots only, ``attn_mask`` [B, 1, T, s + T]. Returns logits Float[B, T, V].
         """
         x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
         for block, layer_kv in zip(self.blocks, kv):
