@@ -78,7 +78,7 @@ def _add_train_encoder(sub: argparse._SubParsersAction) -> None:
         "kept out of training and used to report text->image recall@1/@10.",
         epilog=_raw("""
             example:
-              cm3leon retrieval train-encoder --data data/shapes32 --text-tokenizer tok/text --out enc --steps 400
+              cm3leon retrieval train-encoder --data data/shapes32 --text-tokenizer tok/text --out enc --steps 250
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,9 +86,9 @@ def _add_train_encoder(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output encoder directory")
     p.add_argument("--text-tokenizer", help="text tokenizer dir (default: train one on the captions, saved inside --out)")
     p.add_argument("--text-vocab-size", type=int, default=512, help="BPE size when training a tokenizer (default 512)")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250, ~2 CPU minutes)")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per step = in-batch negatives (default 256)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
     p.add_argument("--image-size", type=int, default=32, help="image tower input side in pixels (default 32)")
     p.add_argument("--holdout", type=int, default=1000, help="pairs held out for the recall report (default 1000)")

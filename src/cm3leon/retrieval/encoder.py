@@ -166,9 +166,9 @@ class DualEncoderConfig:
     width: int = 128
     text_layers: int = 2
     text_heads: int = 4
-    max_text_len: int = 32
+    max_text_len: int = 64
     image_size: int = 32
-    channels: tuple[int, ...] = (32, 64, 128)
+    channels: tuple[int, ...] = (16, 32, 64)
     init_temperature: float = 0.07
 
     def __post_init__(self) -> None:
@@ -183,15 +183,18 @@ class DualEncoderConfig:
 
 @dataclass(frozen=True)
 class EncoderTrainConfig:
-    """How the in-house encoder is trained (symmetric InfoNCE, in-batch negatives)."""
+    """How the in-house encoder is trained (symmetric InfoNCE, in-batch negatives).
 
-    steps: int = 400
+    The defaults train on Shapes in about two CPU minutes (one thread) to text->image
+    recall@1 ~0.8 / recall@10 ~0.99 on held-out documents (docs/retrieval.md).
+    """
+
+    steps: int = 250
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
-    warmup: int = 30
+    warmup: int = 25
     seed: int = 0
-    text_vocab_size: int = 512
 
 
 class _TextTower(nn.Module):
