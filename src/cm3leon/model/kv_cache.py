@@ -115,12 +115,12 @@ class KVCache(nn.Module):
         return int(self.slot.item())
 
 
-def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache) -> Tensor:
+def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, last_only: bool = False) -> Tensor:
     """Run left-padded prompts ``ids`` Long[B, T] through the model, filling cache slots 0..T-1.
 
     ``valid`` Bool[B, T] is False on left padding. Positions count valid tokens only (pads
-    get 0 and are never attended). The cache is reset first. Returns logits Float[B, T, V];
-    the next-token logits of every row are ``logits[:, -1]``.
+    get 0 and are never attended). The cache is reset first. Returns logits Float[B, T, V]
+    (Float[B, 1, V] if ``last_only``); the next-token logits of every row are ``logits[:, -1]``.
     """
     if ids.dim() != 2 or valid.shape != ids.shape:
         raise ValueError(
@@ -145,7 +145,9 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache) -> T
         slots = q_idx
     else:
         attn_mask = padded_causal_mask(valid)  # (B, 1, T, T): the used slots only
-    logits = model.forward_cached(ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask)
+    logits = model.forward_cached(
+        ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask, last_only=last_only
+    )
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
     cache._written = T

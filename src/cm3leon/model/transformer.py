@@ -75,12 +75,14 @@ class Attention(nn.Module):
                 k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
                 v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
                 k, v = k_buf, v_buf
-            q = q.to(k_buf.dtype)
+            if q.dtype != k_buf.dtype:
+                q = q.to(k_buf.dtype)
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.to(x.dtype) if y.dtype != x.dtype else y
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 
 
@@ -196,6 +198,7 @@ class Transformer(nn.Module):
         kv: list[tuple[Tensor, Tensor]],
         slots: Tensor | int,
         attn_mask: Tensor,
+        last_only: bool = False,
     ) -> Tensor:
         """Forward of new tokens against a static KV cache (used by ``kv_cache.py``).
 
@@ -204,10 +207,13 @@ class Transformer(nn.Module):
         additive float mask). ``slots`` Long[T] (static shapes, for torch.compile): write
         at those slots and attend over the whole buffer, ``attn_mask`` [B, 1, T, S].
         ``slots`` an int s (eager): write at s..s+T-1 and attend over the first s + T
-        slots only, ``attn_mask`` [B, 1, T, s + T]. Returns logits Float[B, T, V].
+        slots only, ``attn_mask`` [B, 1, T, s + T]. Returns logits Float[B, T, V], or
+        Float[B, 1, V] for the last token only if ``last_only``.
         """
         x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
         for block, layer_kv in zip(self.blocks, kv):
             x = block(x, attn_mask, layer_kv, slots)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
