@@ -188,7 +188,7 @@ def decode_streams(
             if done is not None and (i + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
                 out[:, i + 1 :] = vocab.pad_id
                 break
-            logits = step(model, tok.repeat(n_streams)[:, None], cache)  # (S*B, V)
+            logits = step(model, tok.repeat(n_streams).unsqueeze(1), cache)  # (S*B, V)
     return out
 
 

@@ -65,10 +65,9 @@ class Attention(nn.Module):
             k_buf, v_buf = kv  # (B, nh, S, hd)
             if isinstance(slots, int):
                 # Eager: write slots [slots, slots + T), attend over the used prefix only.
-                end = slots + T
-                k_buf[:, :, slots:end] = k
-                v_buf[:, :, slots:end] = v
-                k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+                k_buf.narrow(2, slots, T).copy_(k)
+                v_buf.narrow(2, slots, T).copy_(v)
+                k, v = k_buf.narrow(2, 0, slots + T), v_buf.narrow(2, 0, slots + T)
             else:
                 # Static shapes (torch.compile / CUDA graphs): write by a slot tensor, attend
                 # over the whole buffer (the mask hides unused slots).
