@@ -163,6 +163,16 @@ def test_ema_codebook_moves_to_cluster_means():
     assert set(dict(q.state_dict())) >= {"embedding.weight", "embedding.cluster_size", "embedding.embed_avg"}
 
 
+def test_encode_never_updates_the_codebook():
+    torch.manual_seed(0)
+    m = ImageTokenizer(dataclasses.replace(TINY, quantizer="ema")).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.encode(_images())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m(_images())  # a training forward does update the EMA statistics
+    assert not torch.equal(before["quantize.embedding.embed_avg"], m.quantize.embedding.embed_avg)
+
+
 def test_l2_normalized_codes():
     torch.manual_seed(0)
     q = VectorQuantizer(16, 8, l2_norm=True).eval()

@@ -96,7 +96,8 @@ def _add_train_image(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is best on a shared CPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder (GPU); quantizer/decoder stay fp32")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this much time")
     p.add_argument("--perceptual-weight", type=float, default=None, help="LPIPS weight (needs --lpips-vgg/--lpips-lin)")
     p.add_argument("--lpips-vgg", default=None, help="local torchvision VGG16 weights (vgg16-397923af.pth)")
@@ -148,6 +149,7 @@ def _run_train_image(args: argparse.Namespace) -> int:
         "perceptual_weight": args.perceptual_weight, "lpips_vgg_path": args.lpips_vgg, "lpips_lin_path": args.lpips_lin,
         "adversarial_weight": args.adversarial_weight, "adversarial_start": args.adversarial_start,
         "max_seconds": None if args.max_minutes is None else 60.0 * args.max_minutes,
+        "bf16": True if args.bf16 else None,
     }
     cfg = dataclasses.replace(TRAIN_PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     r = model_cfg.resolution

@@ -103,7 +103,7 @@ class VectorQuantizer(nn.Module):
         z_flat = z_bhwd.reshape(-1, d)  # (B*h*w, D)
         idx = self.nearest(z_flat.detach())
         counts = torch.bincount(idx, minlength=self.codebook_size).to(z.dtype)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # not from encode() (no_grad) on a training model
             self._update_statistics(z_flat.detach(), idx, counts)
         z_q = F.embedding(idx, self.codebook()).view(b, h, w, d)
         commitment = F.mse_loss(z_bhwd, z_q.detach())

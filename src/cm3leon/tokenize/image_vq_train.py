@@ -66,6 +66,7 @@ class VQTrainConfig:
     eval_batch_size: int = 128
     seed: int = 0
     max_seconds: float | None = None  # stop early (and finish cleanly) after this much training time
+    bf16: bool = False  # bf16 autocast for the encoder (quantizer and decoder stay fp32); for GPUs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -311,7 +312,8 @@ def train_image_tokenizer(
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(step, cfg)
             x = _batch(train_images, step, cfg, device)
-            res = model(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                res = model(x)
             rec = res.recon
             l1 = (rec - x).abs().mean()
             l2 = (rec - x).pow(2).mean()
