@@ -39,6 +39,8 @@ class QuickstartPreset:
     text_vocab: int = 512
     vq_preset: str = "shapes-32"
     vq_steps: int = 1500
+    vq_batch: int | None = None  # default: the image tokenizer preset's
+    vq_overrides: dict[str, Any] = field(default_factory=dict)  # VQConfig field overrides
     vq_images: int = 12000
     encoder_steps: int = 400
     model_preset: str = "shapes"
@@ -60,7 +62,8 @@ class QuickstartPreset:
 
 PRESETS: dict[str, QuickstartPreset] = {
     "smoke": QuickstartPreset(
-        name="smoke", n_train=600, n_val=24, text_vocab=384, vq_steps=120, vq_images=1200, encoder_steps=60,
+        name="smoke", n_train=600, n_val=24, text_vocab=384, vq_steps=60, vq_batch=8, vq_images=1200,
+        vq_overrides={"ch": 8, "z_channels": 16, "codebook_size": 128, "num_groups": 4}, encoder_steps=20,
         model_preset="tiny", model_overrides={"max_seq_len": 384}, seq_len=320, n_retrieved=2,
         pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
     ),
@@ -190,9 +193,10 @@ def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callabl
             if i < n_extra:
                 imgs.extend(rec.meta["images"][k] for k in extra_names)
         val = [r.image for r in Dataset(data["val"])]
-        cfg = dataclasses.replace(TRAIN_PRESETS[p.vq_preset], steps=p.vq_steps, checkpoint_every=max(p.vq_steps, 1),
-                                  sample_every=max(p.vq_steps // 2, 1))
-        metrics = train_image_tokenizer(VQConfig.from_name(p.vq_preset), cfg, _uint8_images(imgs),
+        base = TRAIN_PRESETS[p.vq_preset]
+        cfg = dataclasses.replace(base, steps=p.vq_steps, batch_size=p.vq_batch or base.batch_size,
+                                  checkpoint_every=max(p.vq_steps, 1), sample_every=max(p.vq_steps // 2, 1))
+        metrics = train_image_tokenizer(VQConfig.from_name(p.vq_preset, **p.vq_overrides), cfg, _uint8_images(imgs),
                                         _uint8_images(val), d, device=_device(p))
         return {"dir": str(d), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
 

@@ -1,0 +1,58 @@
+"""The main job end to end at the `smoke` preset: every stage runs, the report is well-formed,
+and a rerun reuses finished stages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cm3leon.quickstart import PRESETS, get_preset, run_quickstart
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("qs") / "run"
+    try:
+        report = run_quickstart(out, "smoke")
+    finally:
+        torch.set_num_threads(n)
+    return out, report
+
+
+def test_report_files_and_metrics(run):
+    out, report = run
+    assert (out / "report.html").exists() and (out / "report.json").exists()
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["preset"]["name"] == "smoke"
+    stages = set(on_disk["stage_seconds"])
+    assert {"data", "text_tokenizer", "image_tokenizer", "encoder", "index", "shards", "pretrain", "sft",
+            "eval_pretrained", "eval"} <= stages
+    tasks = {r["task"] for r in on_disk["metrics"]}
+    assert {"t2i", "caption", "vqa", "edit", "control", "ground"} <= tasks
+    for r in on_disk["metrics"]:
+        assert isinstance(r["sft"], float) and (math.isnan(r["sft"]) or r["sft"] >= 0), r
+        if r["metric"].startswith(("judge", "vqa_accuracy", "caption_attribute", "edit_accuracy", "attr_")):
+            assert 0.0 <= r["sft"] <= 1.0, r
+    ab = on_disk["ablations"]
+    assert {"cfg_1", "cfg_3", "retrieve_0", "retrieve_1", "retrieve_2", "sampling_top_p", "sampling_cd_k",
+            "sampling_mix", "rerank_on", "rerank_off"} <= set(ab)
+    html = (out / "report.html").read_text()
+    assert "Ablations" in html and "t2i.png" in html
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_rerun_reuses_stages(run):
+    out, report = run
+    again = run_quickstart(out, "smoke")
+    assert again["stage_seconds"] == report["stage_seconds"]  # every stage reused, none re-run
+
+
+def test_presets_and_errors():
+    assert {"smoke", "default", "gpu"} <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown quickstart preset"):
+        get_preset("huge")
