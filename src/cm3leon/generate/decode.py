@@ -9,7 +9,11 @@ sample and feeds it to all of that sample's streams.
 
 Per-token host work is a handful of tensor ops: no ``.item()`` in the loop (text checks
 for "all rows stopped" every ``_STOP_CHECK_EVERY`` steps), a preallocated output buffer,
-and optional ``torch.compile`` of the model step.
+and optional ``torch.compile`` of the model step. Eagerly, each step attends over the
+used cache slots only (``compile`` switches to the static full-buffer cache). Guidance and
+sampling run on the window of ids that the modality mask allows (e.g. the image ids
+only), which changes no probability but does change which uniform draw each id
+gets compared with a full-vocabulary draw.
 
 Determinism: one ``torch.Generator`` seeded with ``SamplingConfig.seed`` draws the noise
 of every row, so the same seed, prompts, ``n_per_prompt`` and device give the same tokens;
