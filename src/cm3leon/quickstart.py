@@ -48,6 +48,7 @@ class QuickstartPreset:
     seq_len: int = 384
     n_retrieved: int = 3
     detailed_caption_prob: float = 0.7
+    sft_records: int = 4000  # Shapes records the SFT examples are built from (each gives ~11 tasks)
     pretrain_steps: int = 1000
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
@@ -95,13 +96,22 @@ class Stages:
         self.out, self.preset, self.force = out, preset, force
         self.timings: dict[str, float] = {}
         self.results: dict[str, Any] = {}
+        self._fields: list[str] = ["image_size", "device"]
 
-    def run(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[Path], dict[str, Any]], fields: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Run stage ``name`` unless a finished run with the same inputs exists.
+
+        A stage's inputs are the preset ``fields`` it reads plus those of every earlier
+        stage (stages run in a fixed order), so changing e.g. ``sft_steps`` redoes SFT and
+        evaluation but reuses the tokenizers, the index and pretraining.
+        """
+        self._fields += [f for f in fields if f not in self._fields]
+        key = {f: getattr(self.preset, f) for f in self._fields}
         d = self.out / name
         marker = d / "stage.json"
         if marker.exists() and not self.force:
             rec = json.loads(marker.read_text())
-            if rec.get("preset") == dataclasses.asdict(self.preset):
+            if rec.get("inputs") == json.loads(json.dumps(key)):
                 log.info("stage %-16s reused (%.1fs when it ran)", name, rec["seconds"])
                 self.timings[name] = rec["seconds"]
                 self.results[name] = rec["result"]
@@ -112,8 +122,7 @@ class Stages:
         result = fn(d)
         secs = time.perf_counter() - t0
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": secs, "result": result, "preset": dataclasses.asdict(self.preset)},
-                                  indent=2, default=float))
+        tmp.write_text(json.dumps({"seconds": secs, "result": result, "inputs": key}, indent=2, default=float))
         tmp.replace(marker)
         print(f"   {name} done in {secs:.1f}s", flush=True)
         self.timings[name] = secs
@@ -285,7 +294,9 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         write_dataset(d / "pretrain_val_view", _pretrain_view(p, data["val"]), overwrite=True)
         tokenize_dataset(d / "pretrain_val_view", text_tok, image_tok, d / "pretrain_val", overwrite=True)
         rng = random.Random(0)
-        sft = tokenize_sft((ex for r in Dataset(data["train"]) for ex in record_sft_examples(r, rng)), text_tok,
+        train_full = Dataset(data["train"])
+        sft_rows = range(min(p.sft_records, len(train_full)))
+        sft = tokenize_sft((ex for i in sft_rows for ex in record_sft_examples(train_full[i], rng)), text_tok,
                            image_tok, d / "sft", overwrite=True)
         tokenize_sft((ex for r in Dataset(data["val"]) for ex in record_sft_examples(r, rng)), text_tok, image_tok,
                      d / "sft_val", overwrite=True)
@@ -420,19 +431,23 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
         torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
     t0 = time.perf_counter()
     st = Stages(out, p, force=force)
-    data = st.run("data", _stage_data(p))
-    text = st.run("text_tokenizer", _stage_text_tokenizer(p, data))
-    image = st.run("image_tokenizer", _stage_image_tokenizer(p, data))
-    enc = st.run("encoder", _stage_encoder(p, data, text))
+    data = st.run("data", _stage_data(p), ("n_train", "n_val"))
+    text = st.run("text_tokenizer", _stage_text_tokenizer(p, data), ("text_vocab",))
+    image = st.run("image_tokenizer", _stage_image_tokenizer(p, data),
+                   ("vq_preset", "vq_steps", "vq_batch", "vq_overrides", "vq_images"))
+    enc = st.run("encoder", _stage_encoder(p, data, text), ("encoder_steps",))
     index = st.run("index", _stage_index(p, data, enc))
-    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index))
-    pre = st.run("pretrain", _stage_pretrain(p, shards))
-    sft = st.run("sft", _stage_sft(p, shards, pre))
+    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index), ("detailed_caption_prob", "sft_records"))
+    pre = st.run("pretrain", _stage_pretrain(p, shards),
+                 ("model_preset", "model_overrides", "seq_len", "n_retrieved", "pretrain_steps", "pretrain_batch",
+                  "pretrain_lr"))
     pre_dir = st.run("model_pretrained", _stage_assemble("pretrained", text, image, enc, index, shards, pre))
+    ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=False, tasks=("t2i", "caption", "vqa")),
+                    ("eval_n", "eval_samples"))
+    sft = st.run("sft", _stage_sft(p, shards, pre), ("sft_steps", "sft_batch", "sft_lr"))
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")
-    ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=False, tasks=("t2i", "caption", "vqa")))
-    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, ablations=p.ablations, tasks=all_tasks))
+    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, ablations=p.ablations, tasks=all_tasks), ("ablations",))
     from cm3leon.report import write_report
 
     report = write_report(out, preset=p, timings=st.timings, results=st.results, eval_pre=ev_pre, eval_sft=ev_sft,
