@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---- shared helpers ------------------------------------------------------------------
+def _quiet_faiss() -> None:
+    """FAISS logs which CPU build it loads at INFO level; that is noise on the command line."""
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
 def _open_dataset(path: str, columns: list[str]) -> Any:
     from cm3leon.data.dataset import Dataset, is_dataset_dir
 
@@ -200,6 +207,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    _quiet_faiss()
     from cm3leon.retrieval.encoder import load_encoder
     from cm3leon.retrieval.index import build_bank
 
@@ -259,6 +267,7 @@ def _index_sources(index_dir: str, encoder: str | None, data: str | None) -> tup
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    _quiet_faiss()
     import numpy as np
     from PIL import Image
 
@@ -350,6 +359,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_neighbors(args: argparse.Namespace) -> int:
+    _quiet_faiss()
     from cm3leon.retrieval.encoder import load_encoder
     from cm3leon.retrieval.index import MemoryBank
     from cm3leon.retrieval.neighbors import NEIGHBORS_FILE, compute_neighbors
