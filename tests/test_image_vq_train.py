@@ -10,7 +10,14 @@ from PIL import Image, ImageDraw
 
 from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig
 from cm3leon.tokenize.image_vq_losses import LPIPS, PatchDiscriminator, load_lpips
-from cm3leon.tokenize.image_vq_train import VQTrainConfig, evaluate, lr_at, psnr, train_image_tokenizer
+from cm3leon.tokenize.image_vq_train import (
+    VQTrainConfig,
+    clamp_straight_through,
+    evaluate,
+    lr_at,
+    psnr,
+    train_image_tokenizer,
+)
 
 TINY = VQConfig(resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
                 z_channels=8, embed_dim=4, codebook_size=16, l2_norm_codes=True, num_groups=4)
@@ -54,6 +61,16 @@ def test_psnr_reference():
     x = torch.zeros(1, 3, 4, 4)
     y = x + 0.2  # error 0.1 on the [0, 1] scale -> MSE 0.01 -> 20 dB
     assert float(psnr(x, y)[0]) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_clamp_straight_through():
+    x = torch.tensor([-1.5, 0.3, 1.2], requires_grad=True)
+    target = torch.tensor([-1.0, 0.0, 0.9])
+    y = clamp_straight_through(x)
+    assert torch.equal(y.detach(), torch.tensor([-1.0, 0.3, 1.0]))
+    (y - target).abs().sum().backward()
+    # saturated and on target: no push; overshoot past a non-saturated target: pushed back
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0]))
 
 
 def test_lr_schedule():

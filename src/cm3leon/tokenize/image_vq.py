@@ -336,6 +336,17 @@ class ImageTokenizer(nn.Module):
         )
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
+        self._zero_init_residual_branches()
+
+    def _zero_init_residual_branches(self) -> None:
+        # Every residual block starts as the identity (last conv of each branch at zero):
+        # training from scratch gets past the "flat grey image" phase much sooner. Loaded
+        # weights overwrite this.
+        for m in self.modules():
+            last = m.conv2 if isinstance(m, ResnetBlock) else m.proj_out if isinstance(m, AttnBlock) else None
+            if last is not None:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     # ---- shape facts ---------------------------------------------------------------
     @property

@@ -50,6 +50,9 @@ class VQTrainConfig:
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     codebook_weight: float = 1.0
+    # Score what decode() returns: losses see the output clamped to [-1, 1] with a
+    # straight-through gradient, so saturated colours (white, pure channels) need no precision.
+    loss_on_clamped: bool = True
     perceptual_weight: float = 0.0  # needs lpips_vgg_path + lpips_lin_path
     lpips_vgg_path: str | None = None
     lpips_lin_path: str | None = None
@@ -100,6 +103,11 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak = full [0, 1] range)."""
     mse = ((x.float() - y.float()) / 2.0).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def clamp_straight_through(x: torch.Tensor) -> torch.Tensor:
+    """``x`` clamped to [-1, 1] in the forward pass, identity in the backward pass."""
+    return x + (x.clamp(-1.0, 1.0) - x).detach()
 
 
 def to_unit_float(u8: torch.Tensor) -> torch.Tensor:
@@ -315,6 +323,8 @@ def train_image_tokenizer(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 res = model(x)
             rec = res.recon
+            if cfg.loss_on_clamped:
+                rec = clamp_straight_through(rec)
             l1 = (rec - x).abs().mean()
             l2 = (rec - x).pow(2).mean()
             loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.codebook_weight * res.quant.loss
