@@ -211,3 +211,22 @@ def test_encoder_bank_dimension_mismatch():
                                                          channels=(4, 8))), tok)
     with pytest.raises(ValueError, match="8-d vectors but the index holds 16-d"):
         Retriever(bank_of([e(1)]), enc)
+
+
+def test_approximate_index_scores_are_rescored_exactly():
+    # with a coarse PQ index the stored scores are approximate; the policy must see exact
+    # cosines (and order) from the document vectors, so its thresholds keep their meaning
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, D)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:10] + 0.3 * rng.standard_normal((10, D)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    bank = MemoryBank.from_arrays(x, factory="IVF8,PQ2")
+    bank.index.nprobe = 8
+    cfg = RetrieverConfig(k_text=4, k_image=0, max_relevance=1.01, dedup_threshold=1.01)
+    out = Retriever(bank, cfg=cfg).retrieve_vectors(q, np.zeros_like(q), has_image=np.zeros(10, bool))
+    exact = np.einsum("nkd,nd->nk", x[out.ids], q)
+    np.testing.assert_allclose(out.scores, exact, atol=1e-5)
+    assert (np.diff(out.scores, axis=1) <= 1e-6).all()
+    approx, _ = bank.index.search(q, 4)
+    assert np.abs(approx - out.scores).max() > 1e-3  # the index alone would have reported other numbers

@@ -16,7 +16,9 @@ Given a query document, retrieve ``k_text`` documents with its text embedding an
 
 Candidates are over-fetched (``overfetch`` x k) and re-fetched with a larger k for rows
 the filters left short, so a row is filled whenever the bank allows it (up to
-``max_fetch`` candidates).
+``max_fetch`` candidates). With ``exact_rescore`` the candidates' scores are recomputed
+exactly from the stored document vectors, so with an approximate index (IVF-PQ, HNSW)
+the thresholds still apply to true cosines.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class RetrieverConfig:
     max_fetch: int = 1024
     seed: int = 0
     batch_size: int = 256
+    exact_rescore: bool = True
 
     def __post_init__(self) -> None:
         if self.k_text < 0 or self.k_image < 0 or self.k_text + self.k_image == 0:
@@ -301,6 +304,8 @@ class Retriever:
                     sc, ii = self.bank.index.search(q[rows], min(fetch, len(self.bank)))
                     cand[name] = dict(zip(rows.tolist(), zip(sc, ii)))
             emb, multi = self._lookup(cand)
+            if cfg.exact_rescore:
+                self._rescore(cand, {"text": text_q, "image": image_q}, emb)
             short = []
             for r in pending.tolist():
                 row_stats = PolicyStats()
@@ -331,6 +336,17 @@ class Retriever:
                     short.append(r)
             pending = np.array(short, np.int64)
             fetch = min(fetch * 4, cfg.max_fetch)
+
+    @staticmethod
+    def _rescore(cand: dict, queries: dict[str, np.ndarray], emb) -> None:
+        """Replace approximate index scores (IVF-PQ, HNSW) by exact inner products with the
+        stored document vectors and re-sort, so relevance thresholds mean the same thing
+        whatever the index type."""
+        for name, rows in cand.items():
+            for r, (_, ii) in rows.items():
+                exact = np.where(ii >= 0, emb(ii) @ queries[name][r], -np.inf).astype(np.float32)
+                order = np.argsort(-exact, kind="stable")
+                rows[r] = (exact[order], ii[order])
 
     def _lookup(self, cand: dict):
         """Embedding and multi-modality lookups for every candidate id of a batch."""
