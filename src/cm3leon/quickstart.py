@@ -42,7 +42,7 @@ class QuickstartPreset:
     vq_batch: int | None = None  # default: the image tokenizer preset's
     vq_overrides: dict[str, Any] = field(default_factory=dict)  # VQConfig field overrides
     vq_images: int = 12000
-    encoder_steps: int = 400
+    encoder_steps: int = 250
     model_preset: str = "shapes"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 384
