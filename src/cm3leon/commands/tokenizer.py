@@ -134,22 +134,18 @@ def _load_images(path: str, resolution: int, *, limit: int | None, task_images: 
 def _run_train_image(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
-
     from cm3leon.tokenize.image_vq import VQConfig
     from cm3leon.tokenize.image_vq_train import TRAIN_PRESETS, train_image_tokenizer
 
     if args.preset not in TRAIN_PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model_cfg = VQConfig.from_name(args.preset)
     overrides = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "perceptual_weight": args.perceptual_weight, "lpips_vgg_path": args.lpips_vgg, "lpips_lin_path": args.lpips_lin,
         "adversarial_weight": args.adversarial_weight, "adversarial_start": args.adversarial_start,
         "max_seconds": None if args.max_minutes is None else 60.0 * args.max_minutes,
-        "bf16": True if args.bf16 else None,
+        "bf16": True if args.bf16 else None, "num_threads": args.threads,
     }
     cfg = dataclasses.replace(TRAIN_PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     r = model_cfg.resolution

@@ -119,14 +119,15 @@ class VQConfig:
 
 
 VQ_PRESETS: dict[str, VQConfig] = {
-    # 32 px -> 8x8 = 64 tokens (f=4); small enough to train on a CPU in minutes.
+    # 32 px -> 8x8 = 64 tokens (f=4); small enough to train on one CPU core in minutes
+    # (channels 16/32/64: the cheap low-resolution levels get the width).
     "shapes-32": VQConfig(
-        resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
+        resolution=32, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
         z_channels=64, embed_dim=8, codebook_size=512, l2_norm_codes=True, num_groups=8,
     ),
     # 64 px -> 8x8 = 64 tokens (f=8).
     "shapes-64": VQConfig(
-        resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
+        resolution=64, ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
         z_channels=64, embed_dim=8, codebook_size=1024, l2_norm_codes=True, num_groups=8,
     ),
     # Paper scale: 256 px -> 32x32 = 1024 tokens, 8192 codes, f=8, taming-like channels.

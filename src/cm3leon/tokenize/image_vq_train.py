@@ -70,6 +70,7 @@ class VQTrainConfig:
     seed: int = 0
     max_seconds: float | None = None  # stop early (and finish cleanly) after this much training time
     bf16: bool = False  # bf16 autocast for the encoder (quantizer and decoder stay fp32); for GPUs
+    num_threads: int | None = None  # torch CPU threads while training (restored after); 1 on a shared CPU
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -89,8 +90,11 @@ class VQTrainConfig:
 
 # Presets pair a model shape (VQ_PRESETS) with training settings of the same name.
 TRAIN_PRESETS: dict[str, VQTrainConfig] = {
-    "shapes-32": VQTrainConfig(steps=1500, batch_size=32, lr=2e-3, sample_every=500, checkpoint_every=500),
-    "shapes-64": VQTrainConfig(steps=3000, batch_size=32, lr=2e-3),
+    # Small batches: on a CPU, more steps beat more images per step for this model size.
+    "shapes-32": VQTrainConfig(steps=2400, batch_size=8, lr=2e-3, log_every=100, sample_every=600,
+                               checkpoint_every=600),
+    "shapes-64": VQTrainConfig(steps=4000, batch_size=8, lr=2e-3, log_every=100, sample_every=1000,
+                               checkpoint_every=1000),
     "paper-256": VQTrainConfig(
         steps=200_000, batch_size=16, lr=2e-4, warmup_steps=1000, min_lr_ratio=0.1, adversarial_weight=0.1,
         adversarial_start=50_000, restart_every=0, sample_every=2000, checkpoint_every=2000,
@@ -263,6 +267,20 @@ def train_image_tokenizer(
     if len(train_images) == 0:
         raise ValueError("no training images")
     device = torch.device(device)
+    threads_before = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _train(model_cfg, cfg, train_images, val_images, out, resume=resume, device=device,
+                      progress=progress, on_log=on_log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(model_cfg: VQConfig, cfg: VQTrainConfig, train_images: torch.Tensor, val_images: torch.Tensor,
+           out: Path, *, resume: bool, device: torch.device, progress: bool,
+           on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    r = model_cfg.resolution
     torch.manual_seed(cfg.seed)
     model = ImageTokenizer(model_cfg).to(device).train()
     model.quantize.usage_decay = cfg.usage_decay
@@ -272,7 +290,7 @@ def train_image_tokenizer(
     opt = torch.optim.AdamW(
         [{"params": [p for _, p in decayed], "weight_decay": cfg.weight_decay},
          {"params": [p for _, p in rest], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas,
+        lr=cfg.lr, betas=cfg.betas, fused=device.type in ("cpu", "cuda"),
     )
     names = [n for n, _ in decayed + rest]  # optimizer state index -> parameter name
 
