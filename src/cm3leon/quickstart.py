@@ -38,7 +38,7 @@ class QuickstartPreset:
     image_size: int = 32
     text_vocab: int = 512
     vq_preset: str = "shapes-32"
-    vq_steps: int = 1500
+    vq_steps: int | None = None  # default: the image tokenizer preset's
     vq_batch: int | None = None  # default: the image tokenizer preset's
     vq_overrides: dict[str, Any] = field(default_factory=dict)  # VQConfig field overrides
     vq_images: int = 12000
@@ -203,8 +203,9 @@ def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callabl
                 imgs.extend(rec.meta["images"][k] for k in extra_names)
         val = [r.image for r in Dataset(data["val"])]
         base = TRAIN_PRESETS[p.vq_preset]
-        cfg = dataclasses.replace(base, steps=p.vq_steps, batch_size=p.vq_batch or base.batch_size,
-                                  checkpoint_every=max(p.vq_steps, 1), sample_every=max(p.vq_steps // 2, 1))
+        steps = p.vq_steps or base.steps
+        cfg = dataclasses.replace(base, steps=steps, batch_size=p.vq_batch or base.batch_size,
+                                  checkpoint_every=steps, sample_every=max(steps // 2, 1))
         metrics = train_image_tokenizer(VQConfig.from_name(p.vq_preset, **p.vq_overrides), cfg, _uint8_images(imgs),
                                         _uint8_images(val), d, device=_device(p))
         return {"dir": str(d), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
