@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from cm3leon.config import atomic_write_text
 from cm3leon.data.records import DocRecord
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,6 @@ def record_to_row(record: DocRecord) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class DatasetWriter:
@@ -293,7 +290,7 @@ class DatasetWriter:
             "parts": self._parts,
             **self.extra_manifest,
         }
-        _atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"

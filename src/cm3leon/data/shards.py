@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cm3leon.config import atomic_write_text
 from cm3leon.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,6 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -128,7 +125,7 @@ class ShardWriter:
             names = sorted({t for t in self._tasks if t is not None})
             index = {t: k for k, t in enumerate(names)}
             task_ids = np.asarray([-1 if t is None else index[t] for t in self._tasks], dtype=np.int32)
-            _atomic_write_text(self._tmp / TASKS, json.dumps({"names": names}, indent=2) + "\n")
+            atomic_write_text(self._tmp / TASKS, json.dumps({"names": names}, indent=2) + "\n")
             _atomic_save_npy(self._tmp / TASK_IDS, task_ids)
         if any(t[0] >= 0 for t in self._targets):
             _atomic_save_npy(self._tmp / TARGETS, np.asarray(self._targets, dtype=np.int64).reshape(n, 2))
@@ -142,7 +139,7 @@ class ShardWriter:
             "has_tasks": has_tasks,
         }
         manifest.update(meta or {})
-        _atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if self.out_dir.exists():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(self.out_dir, old)

@@ -19,6 +19,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cm3leon.config import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -28,10 +30,6 @@ FORMAT_VERSION = 1
 N_BYTES = 256
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 class TextTokenizer:
@@ -113,9 +111,9 @@ class TextTokenizer:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (atomic per file)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=False))
+        atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=False))
         cfg = {"kind": KIND, "format_version": FORMAT_VERSION, "vocab_size": self.vocab_size}
-        _atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
 
     # ---- use -----------------------------------------------------------------------
     @property
