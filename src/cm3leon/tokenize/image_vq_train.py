@@ -7,7 +7,7 @@ encoder outputs; codebook usage and perplexity are logged. The output directory 
 
 * ``config.json`` + ``model.safetensors``: the trained tokenizer (``ImageTokenizer.from_pretrained``);
 * ``checkpoint/``: model, optimizer and step for ``--resume`` (safetensors + JSON, atomic);
-* ``samples/step_NNNNNN.png``: grids, each row pair = originals over reconstructions;
+* ``samples/step_NNNNNN.png``: grids of ``original | reconstruction`` pairs;
 * ``metrics.json``: held-out PSNR, codebook usage and perplexity, steps, wall time;
 * ``log.jsonl``: the periodic training log.
 """
@@ -147,18 +147,19 @@ def evaluate(model: ImageTokenizer, images_u8: torch.Tensor, *, batch_size: int 
     }
 
 
-def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, *, per_row: int = 8) -> None:
-    """PNG grid: each pair of rows shows ``per_row`` originals above their reconstructions."""
-    o, r = originals[:per_row * 4], recons[:per_row * 4]
+def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, *, per_row: int = 4) -> None:
+    """PNG grid of ``original | reconstruction`` pairs, ``per_row`` pairs per row."""
+    o, r = originals[: per_row * 4], recons[: per_row * 4]
     n, _, h, w = o.shape
     rows = math.ceil(n / per_row)
-    canvas = Image.new("RGB", (per_row * (w + 2), rows * 2 * (h + 2) + rows * 2), (128, 128, 128))
+    cell_w = 2 * w + 1 + 4  # original, 1 px gap, reconstruction, 4 px between pairs
+    canvas = Image.new("RGB", (per_row * cell_w, rows * (h + 4)), (128, 128, 128))
     to_img = ImageTokenizer.postprocess
     for k, (a, b) in enumerate(zip(to_img(o), to_img(r))):
         row, col = divmod(k, per_row)
-        y = row * (2 * (h + 2) + 2)
-        canvas.paste(a, (col * (w + 2), y))
-        canvas.paste(b, (col * (w + 2), y + h + 2))
+        x, y = col * cell_w, row * (h + 4)
+        canvas.paste(a, (x, y))
+        canvas.paste(b, (x + w + 1, y))
     tmp = path.with_name(path.name + ".tmp.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(tmp)
