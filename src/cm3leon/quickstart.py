@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cm3leon.config import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -121,9 +123,7 @@ class Stages:
         t0 = time.perf_counter()
         result = fn(d)
         secs = time.perf_counter() - t0
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": secs, "result": result, "inputs": key}, indent=2, default=float))
-        tmp.replace(marker)
+        atomic_write_text(marker, json.dumps({"seconds": secs, "result": result, "inputs": key}, indent=2, default=float))
         print(f"   {name} done in {secs:.1f}s", flush=True)
         self.timings[name] = secs
         self.results[name] = result

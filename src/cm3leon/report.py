@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cm3leon.config import atomic_write_text
+
 # Targets a reader checks the run against (issues #7, #8); shown next to the measured value.
 TARGETS = {
     ("t2i", "judge_all_correct_1obj"): 0.60,
@@ -84,9 +86,7 @@ def write_report(out: Path, *, preset: Any, timings: dict[str, float], results: 
         "ablations": eval_sft.get("ablations", {}),
         "examples": {t: r.get("examples", []) for t, r in eval_sft["tasks"].items()},
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    tmp.replace(out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float))
 
     grids = [(t, _rel(out, r.get("grid"))) for t, r in eval_sft["tasks"].items() if r.get("grid")]
     pre_grid = _rel(out, eval_pre["tasks"].get("t2i", {}).get("grid"))
@@ -122,7 +122,5 @@ means every attribute (shape, color, size, position) of every object right and t
 {_fmt(vq.get('val_codebook_usage', float('nan')))}. Retrieval encoder recall: {html.escape(json.dumps({k: v for k, v in results.get('encoder', {}).items() if k != 'dir'}))}.</p>
 <h2>Stage timings (seconds)</h2><table>{stages}</table>
 </body></html>"""
-    tmp = out / "report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "report.html")
+    atomic_write_text(out / "report.html", page)
     return report

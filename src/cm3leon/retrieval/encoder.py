@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cm3leon.config import from_json_dict
+from cm3leon.config import atomic_write_text, from_json_dict
 from cm3leon.data.records import DocRecord
 from cm3leon.tokenize.text_bpe import TextTokenizer
 
@@ -112,9 +112,7 @@ class Encoder(ABC):
 def write_encoder_json(directory: Path, data: dict[str, Any]) -> None:
     """Atomically write ``encoder.json`` (``data`` must hold ``type``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (ENCODER_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(directory / ENCODER_FILE)
+    atomic_write_text(directory / ENCODER_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_encoder(directory: str | Path, *, device: str = "cpu") -> Encoder:

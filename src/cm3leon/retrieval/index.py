@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from cm3leon.config import atomic_write_text
+
 if TYPE_CHECKING:
     from cm3leon.data.records import DocRecord
     from cm3leon.retrieval.encoder import Encoder
@@ -286,9 +288,7 @@ class MemoryIndex:
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, d / INDEX_FILE)
         _save_npy(d / IDS_FILE, self.ids)
-        tmp = d / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.meta(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, d / META_FILE)
+        atomic_write_text(d / META_FILE, json.dumps(self.meta(), indent=2, sort_keys=True) + "\n")
         return d
 
     @classmethod

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cm3leon.config import atomic_write_text
 from cm3leon.data.records import DocRecord
 from cm3leon.retrieval.encoder import Encoder
 from cm3leon.retrieval.index import MemoryBank
@@ -129,9 +130,7 @@ def compute_neighbors(
         **(info or {}),
     }
     jpath = neighbors_json_path(out)
-    tmpj = jpath.with_name(jpath.name + ".tmp")
-    tmpj.write_text(json.dumps(desc, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmpj, jpath)
+    atomic_write_text(jpath, json.dumps(desc, indent=2, sort_keys=True, default=float) + "\n")
     log.info("neighbours of %d documents -> %s (fill rate %.3f)", n, out, desc["stats"]["fill_rate"])
     return desc
 

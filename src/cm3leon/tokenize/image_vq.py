@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cm3leon.config import atomic_write_text
 from cm3leon.tokenize.image_vq_preprocess import MAX_IMAGE_PIXELS, images_to_tensor, tensor_to_images
 from cm3leon.tokenize.image_vq_quantizer import QUANTIZER_KINDS, QuantizerOutput, VectorQuantizer
 
@@ -445,9 +446,7 @@ class ImageTokenizer(nn.Module):
         save_file(tensors, str(tmp), metadata={"format": "pt", "kind": KIND})
         os.replace(tmp, d / WEIGHTS_FILE)
         cfg = {"kind": KIND, "format_version": FORMAT_VERSION, **self.cfg.to_dict()}
-        tmpc = d / (CONFIG_FILE + ".tmp")
-        tmpc.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(tmpc, d / CONFIG_FILE)
+        atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu") -> ImageTokenizer:
