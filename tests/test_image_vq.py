@@ -200,6 +200,64 @@ def test_dead_code_restart_uses_recent_latents():
     assert (q.usage >= 1.0).all()
 
 
+def test_error_weighted_restart_targets_poorly_fitted_latents():
+    """Dead codes go to latents far from every live code, never to well-fitted ones."""
+    q = VectorQuantizer(4, 2)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0], [9.0, 9.0], [9.0, 9.0]]))
+    q.usage.copy_(torch.tensor([5.0, 0.0, 5.0, 0.0]))  # codes 1 and 3 are dead
+    white = torch.zeros(95, 2)  # fitted exactly by live code 0 (zero error)
+    odd = torch.full((5, 2), -50.0)  # far from every live code
+    n = q.restart_dead_codes(torch.cat([white, odd]), threshold=1.0, sampling="error",
+                             generator=torch.Generator().manual_seed(0))
+    assert n == 2
+    assert (q.embedding.weight.detach()[[1, 3]] < -49).all()
+    with pytest.raises(ValueError, match="uniform"):
+        q.restart_dead_codes(white, threshold=1.0, sampling="nope")
+
+
+def test_patch_local_encoder_gives_identical_patches_identical_codes():
+    cfg = dataclasses.replace(TINY, attn_resolutions=(), mid_attn=False, patch_local=True)
+    torch.manual_seed(0)
+    m = ImageTokenizer(cfg)
+    _randomize(m)
+    m.eval()
+    x = torch.ones(2, 3, 16, 16)  # white canvases ...
+    x[0, :, 0:2, 0:2] = -1.0  # ... with something in one corner patch of the first
+    x[1, :, 8:16, 8:16] = torch.rand(3, 8, 8) * 2 - 1  # and noise in a quarter of the second
+    codes = m.encode(x).view(2, 8, 8)
+    # every fully-white 2x2 patch gets the same code, wherever it is and whatever else is drawn
+    white = torch.ones(2, 8, 8, dtype=torch.bool)
+    white[0, 0, 0] = False
+    white[1, 4:, 4:] = False
+    assert codes[white].unique().numel() == 1
+    # and the patch-local map equals the encoder run on each patch alone
+    with torch.no_grad():
+        one = m.encoder(x[1:, :, 10:12, 4:6])
+        ref = m.quantize(m.quant_conv(one)).indices.item()
+    assert codes[1, 5, 2].item() == ref
+
+
+def test_channel_norm_is_local_layer_norm_over_channels():
+    from cm3leon.tokenize.image_vq import ChannelNorm
+
+    n = ChannelNorm(4)
+    with torch.no_grad():
+        n.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        n.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    x = torch.randn(2, 4, 5, 5)
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (4,), n.weight, n.bias, 1e-6).permute(0, 3, 1, 2)
+    assert torch.allclose(n(x), ref, atol=1e-6)
+    y = x.clone()
+    y[0, :, 0, 0] += 10.0  # a change at one position changes only that position (GroupNorm: all)
+    diff = (n(x) - n(y)).abs().sum(1)
+    assert diff[0, 0, 0] > 0 and diff.sum() == diff[0, 0, 0]
+    m = ImageTokenizer(dataclasses.replace(TINY, norm="channel"))
+    assert isinstance(m.encoder.norm_out, ChannelNorm)
+    with pytest.raises(ValueError, match="norm"):
+        dataclasses.replace(TINY, norm="batch")
+
+
 # ---- weight formats ----------------------------------------------------------------
 def taming_state_dict(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, embed_dim,
                       n_embed, in_ch=3, out_ch=3, seed=0):

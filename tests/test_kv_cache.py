@@ -58,6 +58,24 @@ def test_cached_decoding_equals_full_forward_per_row(activation):
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("static", [False, True])
+@torch.no_grad()
+def test_head_window_gives_the_slice_of_the_full_logits(static):
+    """Decoding inside one modality computes only that window of the LM head: same numbers."""
+    model = randomized()
+    ids, valid = left_pad([torch.randint(4, V, (n,)) for n in (5, 9)])
+    full_cache = KVCache.allocate(model.cfg, 2, 16, static=static)
+    win_cache = KVCache.allocate(model.cfg, 2, 16, static=static)
+    full = [prefill(model, ids, valid, full_cache, last_only=True)[:, -1]]
+    win = [prefill(model, ids, valid, win_cache, last_only=True, head_window=(40, 90))[:, -1]]
+    for t in torch.randint(4, V, (4, 2, 1)):
+        full.append(decode_one_token(model, t, full_cache))
+        win.append(decode_one_token(model, t, win_cache, head_window=(40, 90)))
+    for f, w in zip(full, win):
+        assert w.shape == (2, 50)
+        torch.testing.assert_close(w, f[:, 40:90], atol=1e-6, rtol=0)
+
+
 @torch.no_grad()
 def test_prefill_logits_equal_padded_forward():
     model = randomized()

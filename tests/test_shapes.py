@@ -291,6 +291,19 @@ def test_scene_statistics_cover_the_world():
     assert {s.position(o) for s in scenes for o in s.objects} == set(POSITIONS)
 
 
+def test_snapped_world_keeps_every_position_and_sprites_on_the_grid():
+    cfg = ShapesConfig(snap=4)
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, cfg) for _ in range(300)]
+    objs = [o for sc in scenes for o in sc.objects]
+    assert all(o.x0 % 4 == 0 and o.y0 % 4 == 0 for o in objs)
+    assert {sc.position(o) for sc in scenes for o in sc.objects} == set(POSITIONS)
+    ex = make_example(3, cfg)  # edits (move/add) stay on the grid too
+    assert all(o["x0"] % 4 == 0 and o["y0"] % 4 == 0 for o in ex.meta["edit"]["objects"])
+    with pytest.raises(ValueError, match="snap"):
+        ShapesConfig(snap=5)
+
+
 # ------------------------------------------------------------------ dataset format
 
 

@@ -38,6 +38,7 @@ class QuickstartPreset:
     n_train: int
     n_val: int
     image_size: int = 32
+    snap: int = 4  # Shapes objects on the image tokenizer's 4-px patch grid (ShapesConfig.snap)
     text_vocab: int = 512
     vq_preset: str = "shapes-32"
     vq_steps: int | None = None  # default: the image tokenizer preset's
@@ -71,8 +72,9 @@ PRESETS: dict[str, QuickstartPreset] = {
         pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
     ),
     "default": QuickstartPreset(
-        name="default", n_train=20000, n_val=256,
-        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 384},
+        name="default", n_train=16000, n_val=256, vq_steps=2000,
+        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 256}, seq_len=256,
+        n_retrieved=2, pretrain_steps=700, sft_steps=300, sft_records=3000,
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
@@ -133,10 +135,11 @@ class Stages:
 # ---- stage implementations ------------------------------------------------------------------
 def _stage_data(p: QuickstartPreset) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
-        from cm3leon.data.shapes import write_shapes_dataset
+        from cm3leon.data.shapes import ShapesConfig, write_shapes_dataset
 
-        write_shapes_dataset(d / "train", p.n_train, size=p.image_size, seed=0, overwrite=True, progress=True)
-        write_shapes_dataset(d / "val", p.n_val, size=p.image_size, seed=1, overwrite=True)
+        cfg = ShapesConfig(size=p.image_size, snap=p.snap)
+        write_shapes_dataset(d / "train", p.n_train, size=p.image_size, seed=0, cfg=cfg, overwrite=True, progress=True)
+        write_shapes_dataset(d / "val", p.n_val, size=p.image_size, seed=1, cfg=cfg, overwrite=True)
         return {"train": str(d / "train"), "val": str(d / "val"), "n_train": p.n_train, "n_val": p.n_val}
 
     return fn
@@ -432,7 +435,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
         torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
     t0 = time.perf_counter()
     st = Stages(out, p, force=force)
-    data = st.run("data", _stage_data(p), ("n_train", "n_val"))
+    data = st.run("data", _stage_data(p), ("n_train", "n_val", "snap"))
     text = st.run("text_tokenizer", _stage_text_tokenizer(p, data), ("text_vocab",))
     image = st.run("image_tokenizer", _stage_image_tokenizer(p, data),
                    ("vq_preset", "vq_steps", "vq_batch", "vq_overrides", "vq_images"))

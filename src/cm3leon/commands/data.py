@@ -38,6 +38,8 @@ def add_shapes(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=32, choices=(32, 64, 128, 256), help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--max-objects", type=int, default=3, help="objects per image, 1..N (default 3)")
+    p.add_argument("--snap", type=int, default=1,
+                   help="object corners on multiples of this many pixels (1 = anywhere; the quickstart uses 4)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_run_shapes)
@@ -48,7 +50,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
 
     from cm3leon.data.shapes import ShapesConfig, write_shapes_dataset
 
-    cfg = ShapesConfig(size=args.size, max_objects=args.max_objects)
+    cfg = ShapesConfig(size=args.size, max_objects=args.max_objects, snap=args.snap)
     t0 = time.perf_counter()
     out = write_shapes_dataset(args.out, args.n, size=args.size, seed=args.seed, workers=args.workers,
                                cfg=cfg, overwrite=args.overwrite, progress=True)

@@ -89,12 +89,17 @@ class ShapesConfig:
 
     ``size`` is the canvas side in pixels (32, 64, 128 or 256); each object keeps at least
     ``min_visible`` of its pixels visible and in one piece under the objects drawn over it.
+    ``snap`` puts every object's top-left corner on a multiple of ``snap`` pixels (1: any
+    pixel). Snapping to the image tokenizer's patch size (4 for ``shapes-32``) makes each
+    shape/color/size one "sprite" of codes wherever it sits, an easier world for a model
+    trained for minutes; all nine named positions stay reachable.
     """
 
     size: int = 32
     min_objects: int = 1
     max_objects: int = 3
     min_visible: float = 0.65
+    snap: int = 1
 
     def __post_init__(self) -> None:
         if self.size not in (32, 64, 128, 256):
@@ -105,6 +110,13 @@ class ShapesConfig:
             )
         if not 0.0 < self.min_visible <= 1.0:
             raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
+        if not 1 <= self.snap <= self.size // 8:
+            raise ValueError(f"snap must be in [1, size/8 = {self.size // 8}], got {self.snap}")
+
+    def corner(self, rng: np.random.Generator, d: int) -> tuple[int, int]:
+        """A random top-left corner for a ``d``-pixel object inside the canvas, on the ``snap`` grid."""
+        hi = (self.size - d) // self.snap
+        return int(rng.integers(0, hi + 1)) * self.snap, int(rng.integers(0, hi + 1)) * self.snap
 
     def side(self, size_name: str) -> int:
         """Side length in pixels of a ``small``/``large`` object."""
@@ -341,8 +353,7 @@ def _sample_object(rng: np.random.Generator, cfg: ShapesConfig, **fixed: Any) ->
     color = fixed.get("color") or _choice(rng, list(COLORS))
     size = fixed.get("size") or _choice(rng, SIZES)
     d = cfg.side(size)
-    x0 = int(rng.integers(0, cfg.size - d + 1))
-    y0 = int(rng.integers(0, cfg.size - d + 1))
+    x0, y0 = cfg.corner(rng, d)
     return ShapeObject(shape, color, size, x0, y0, d)
 
 
@@ -567,8 +578,7 @@ def _move_target(rng: np.random.Generator, cfg: ShapesConfig, scene: Scene, z: i
     old = scene.objects[z]
     old_pos = scene.position(old)
     for _ in range(40):
-        x0 = int(rng.integers(0, cfg.size - old.d + 1))
-        y0 = int(rng.integers(0, cfg.size - old.d + 1))
+        x0, y0 = cfg.corner(rng, old.d)
         o = dataclasses.replace(old, x0=x0, y0=y0)
         if grid_position(o.center, cfg.size) == old_pos:
             continue

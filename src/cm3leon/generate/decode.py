@@ -167,14 +167,18 @@ def decode_streams(
         cache = KVCache.allocate(
             model.cfg, len(rows), ids.shape[1] + n_new - 1, device=device, dtype=dtype, static=compile
         )
-        logits = prefill(model, ids, valid, cache, last_only=True)[:, -1]  # (S*B, V)
+        # The LM head computes the allowed window's logits only, unless something needs all.
+        window = (lo, hi) if on_logits is None and hist is None else None
+        logits = prefill(model, ids, valid, cache, last_only=True, head_window=window)[:, -1]  # (S*B, V or hi-lo)
         for i in range(n_new):
-            stream_logits = logits.view(n_streams, B, -1)  # (S, B, V)
+            stream_logits = logits.view(n_streams, B, -1)  # (S, B, V or hi-lo)
             if on_logits is not None:
                 on_logits(i, stream_logits)
             if hist is not None:
                 stream_logits = _penalize(stream_logits, hist, hist_valid, cfg, T + i)
-            scores = next_token_scores(stream_logits[..., lo:hi], allowed_win, cfg, cd_rows=cd_rows)
+            if window is None:
+                stream_logits = stream_logits[..., lo:hi]
+            scores = next_token_scores(stream_logits, allowed_win, cfg, cd_rows=cd_rows)
             tok = sample(scores, gen, greedy=cfg.greedy)  # (B,)
             if lo:
                 tok = tok + lo
@@ -192,7 +196,7 @@ def decode_streams(
             if done is not None and (i + 1) % _STOP_CHECK_EVERY == 0 and bool(done.all()):
                 out[:, i + 1 :] = vocab.pad_id
                 break
-            logits = step(model, tok.repeat(n_streams).unsqueeze(1), cache)  # (S*B, V)
+            logits = step(model, tok.repeat(n_streams).unsqueeze(1), cache, window)  # (S*B, V or hi-lo)
     return out
 
 

@@ -115,12 +115,14 @@ class KVCache(nn.Module):
         return int(self.slot.item())
 
 
-def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, last_only: bool = False) -> Tensor:
+def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, last_only: bool = False,
+            head_window: tuple[int, int] | None = None) -> Tensor:
     """Run left-padded prompts ``ids`` Long[B, T] through the model, filling cache slots 0..T-1.
 
     ``valid`` Bool[B, T] is False on left padding. Positions count valid tokens only (pads
     get 0 and are never attended). The cache is reset first. Returns logits Float[B, T, V]
     (Float[B, 1, V] if ``last_only``); the next-token logits of every row are ``logits[:, -1]``.
+    ``head_window=(lo, hi)``: logits of ids ``lo..hi-1`` only (see ``Transformer.forward_cached``).
     """
     if ids.dim() != 2 or valid.shape != ids.shape:
         raise ValueError(
@@ -146,7 +148,8 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, l
     else:
         attn_mask = padded_causal_mask(valid)  # (B, 1, T, T): the used slots only
     logits = model.forward_cached(
-        ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask, last_only=last_only
+        ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask, last_only=last_only,
+        head_window=head_window,
     )
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
@@ -154,17 +157,18 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, l
     return logits
 
 
-def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
+def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache,
+                     head_window: tuple[int, int] | None = None) -> Tensor:
     """Feed one new token per row, ``ids`` Long[B, 1], at the next slot; returns logits Float[B, V].
 
     Each row uses its own next position (``cache.pos``). Eagerly (default cache) the token
     attends over the used slots only; under ``torch.compile`` or with a ``static`` cache,
     shapes are static and the slot is a tensor, so the function compiles once (no
     recompiles as the slot advances). Bounds are checked on the host when running eagerly
-    (no device sync).
+    (no device sync). ``head_window=(lo, hi)``: logits of ids ``lo..hi-1`` only, Float[B, hi - lo].
     """
     if torch.compiler.is_compiling():
-        return _decode_static(model, ids, cache)
+        return _decode_static(model, ids, cache, head_window)
     if ids.shape != (cache.batch, 1):
         raise ValueError(f"ids must be [{cache.batch}, 1], got {tuple(ids.shape)}")
     slot = cache._written
@@ -172,23 +176,25 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
         raise ValueError(f"the KV cache is full (max_len={cache.max_len}); allocate a larger cache")
     cache._written += 1
     if cache.static:
-        return _decode_static(model, ids, cache)
+        return _decode_static(model, ids, cache, head_window)
     cache.valid[:, slot] = True
     # One additive mask for all layers (a Bool mask is converted to this in every layer).
     valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
     attn_mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(~valid, float("-inf"))
-    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask)
+    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
+                                  head_window=head_window)
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits[:, -1]  # (B, V)
 
 
-def _decode_static(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor:
+def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window: tuple[int, int] | None = None) -> Tensor:
     """:func:`decode_one_token` with static shapes: the slot is a tensor, the whole buffer is attended."""
     slot = cache.slot
     cache.valid.index_fill_(1, slot, True)
     attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, S)
-    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask)
+    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
+                                  head_window=head_window)
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits[:, -1]  # (B, V)

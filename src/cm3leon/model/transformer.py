@@ -10,12 +10,24 @@ sampling, no training infrastructure. The static KV cache used for decoding live
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon.config import ModelConfig
+
+
+def sinusoidal_table(n: int, d: int) -> Tensor:
+    """Vaswani et al.'s position table Float[n, d]: sin on even, cos on odd columns (element std 1/sqrt 2)."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)
+    t = torch.zeros(n, d, dtype=torch.float64)
+    t[:, 0::2] = torch.sin(pos * freq)
+    t[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+    return t.float()
 
 
 def positions_from_valid(valid: Tensor) -> Tensor:
@@ -144,7 +156,10 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name == "pos_emb.weight":
                 ps = self.cfg.pos_init_std
-                nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
+                if self.cfg.pos_init == "sinusoidal":
+                    p.copy_(sinusoidal_table(p.shape[0], p.shape[1]) * (ps * 2**0.5))
+                else:
+                    nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
             elif name == "lm_head.weight":
                 nn.init.zeros_(p)
             else:
@@ -198,6 +213,7 @@ class Transformer(nn.Module):
         slots: Tensor | int,
         attn_mask: Tensor,
         last_only: bool = False,
+        head_window: tuple[int, int] | None = None,
     ) -> Tensor:
         """Forward of new tokens against a static KV cache (used by ``kv_cache.py``).
 
@@ -207,12 +223,17 @@ class Transformer(nn.Module):
         at those slots and attend over the whole buffer, ``attn_mask`` [B, 1, T, S].
         ``slots`` an int s (eager): write at s..s+T-1 and attend over the first s + T
         slots only, ``attn_mask`` [B, 1, T, s + T]. Returns logits Float[B, T, V], or
-        Float[B, 1, V] for the last token only if ``last_only``.
+        Float[B, 1, V] for the last token only if ``last_only``. ``head_window=(lo, hi)``
+        computes the logits of ids ``lo..hi-1`` only (Float[..., hi - lo]): decoding inside
+        one modality needs no others.
         """
         x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
         for block, layer_kv in zip(self.blocks, kv):
             x = block(x, attn_mask, layer_kv, slots)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        if head_window is not None:
+            lo, hi = head_window
+            return F.linear(self.ln_f(x), self.lm_head.weight[lo:hi])  # (B, T, hi - lo)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 

@@ -62,6 +62,14 @@ class VQConfig:
     beta: float = 0.25  # commitment weight
     ema_decay: float = 0.99
     num_groups: int = 32  # GroupNorm groups (taming: 32)
+    # "group": taming's GroupNorm (statistics over the whole image, so a background patch's
+    # code depends on everything else in the picture); "channel": LayerNorm over channels at
+    # each position (local: identical content gets identical codes, which an LM can predict).
+    norm: str = "group"
+    # The encoder sees each f x f patch alone (its receptive field is the patch), so identical
+    # patches always get identical codes: a uniform background is one code, not dozens of
+    # synonyms an LM must guess between. The decoder still sees the whole grid.
+    patch_local: bool = False
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -82,6 +90,8 @@ class VQConfig:
         for m in self.ch_mult:
             if (self.ch * m) % self.num_groups:
                 raise ValueError(f"channels ch*{m}={self.ch * m} are not divisible by num_groups={self.num_groups}")
+        if self.norm not in ("group", "channel"):
+            raise ValueError(f"VQConfig.norm must be 'group' or 'channel', got {self.norm!r}")
         if self.quantizer not in QUANTIZER_KINDS:
             raise ValueError(f"VQConfig.quantizer must be one of {QUANTIZER_KINDS}, got {self.quantizer!r}")
 
@@ -121,10 +131,12 @@ class VQConfig:
 
 VQ_PRESETS: dict[str, VQConfig] = {
     # 32 px -> 8x8 = 64 tokens (f=4); small enough to train on one CPU core in minutes
-    # (channels 16/32/64: the cheap low-resolution levels get the width).
+    # (channels 16/32/64: the cheap low-resolution levels get the width). Patch-local
+    # encoder: the white background is exactly one code (a global encoder spread it over
+    # ~100 synonyms, 4 nats of noise per background token for the LM).
     "shapes-32": VQConfig(
         resolution=32, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
-        z_channels=64, embed_dim=8, codebook_size=512, l2_norm_codes=True, num_groups=8,
+        z_channels=64, embed_dim=8, codebook_size=512, l2_norm_codes=True, num_groups=8, patch_local=True,
     ),
     # 64 px -> 8x8 = 64 tokens (f=8).
     "shapes-64": VQConfig(
@@ -145,7 +157,24 @@ VQ_PRESETS: dict[str, VQConfig] = {
 
 
 # ---- building blocks (taming layout) -------------------------------------------------
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position of ``[B,C,H,W]`` (same parameter names as GroupNorm)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _norm(channels: int, groups: int) -> nn.Module:
+    """GroupNorm with ``groups`` groups, or :class:`ChannelNorm` when ``groups == 0``."""
+    if groups == 0:
+        return ChannelNorm(channels)
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -220,11 +249,15 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
     return m
 
 
+def _groups(cfg: VQConfig) -> int:
+    return cfg.num_groups if cfg.norm == "group" else 0
+
+
 def _mid(channels: int, cfg: VQConfig) -> nn.Module:
     m = nn.Module()
-    m.block_1 = ResnetBlock(channels, channels, groups=cfg.num_groups, dropout=cfg.dropout)
-    m.attn_1 = AttnBlock(channels, groups=cfg.num_groups) if cfg.mid_attn else nn.Identity()
-    m.block_2 = ResnetBlock(channels, channels, groups=cfg.num_groups, dropout=cfg.dropout)
+    m.block_1 = ResnetBlock(channels, channels, groups=_groups(cfg), dropout=cfg.dropout)
+    m.attn_1 = AttnBlock(channels, groups=_groups(cfg)) if cfg.mid_attn else nn.Identity()
+    m.block_2 = ResnetBlock(channels, channels, groups=_groups(cfg), dropout=cfg.dropout)
     return m
 
 
@@ -233,7 +266,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        g, n = cfg.num_groups, len(cfg.ch_mult)
+        g, n = _groups(cfg), len(cfg.ch_mult)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         in_mult = (1,) + cfg.ch_mult
         res = cfg.resolution
@@ -273,7 +306,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        g, n = cfg.num_groups, len(cfg.ch_mult)
+        g, n = _groups(cfg), len(cfg.ch_mult)
         c_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.grid_size
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
@@ -379,9 +412,17 @@ class ImageTokenizer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected a float tensor in [-1,1], got dtype {x.dtype} (use preprocess)")
 
+    def _encode_patches(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.cfg.downsample_factor
+        b, c, hh, ww = x.shape
+        patches = x.unfold(2, f, f).unfold(3, f, f)  # (B, C, h, w, f, f)
+        gh, gw = patches.shape[2], patches.shape[3]
+        h = self.encoder(patches.permute(0, 2, 3, 1, 4, 5).reshape(b * gh * gw, c, f, f))  # (B*h*w, z, 1, 1)
+        return h.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+
     def quantize_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """Encoder output [B, z, h, w] and its quantization (quant_conv + quantizer in fp32)."""
-        h = self.encoder(x)
+        h = self._encode_patches(x) if self.cfg.patch_local else self.encoder(x)
         with torch.autocast(device_type=h.device.type, enabled=False):
             q = self.quantize(self.quant_conv(h.float()))
         return h, q

@@ -135,13 +135,35 @@ class VectorQuantizer(nn.Module):
         emb.weight.copy_(emb.embed_avg / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def restart_dead_codes(self, recent: torch.Tensor, *, threshold: float, generator: torch.Generator | None = None) -> int:
+    def restart_dead_codes(self, recent: torch.Tensor, *, threshold: float, generator: torch.Generator | None = None,
+                           sampling: str = "uniform") -> int:
         """Re-initialize codes whose running usage is below ``threshold`` from rows of
-        ``recent`` [N, D] (recent encoder outputs); returns how many were restarted."""
+        ``recent`` [N, D] (recent encoder outputs); returns how many were restarted.
+
+        ``sampling="uniform"`` picks rows uniformly (Jukebox); ``"error"`` picks them with
+        probability proportional to their squared distance to the nearest live code, so dead
+        codes move to where the codebook fits worst instead of piling onto the most frequent
+        content (a white background would otherwise be split over many equivalent codes).
+        """
+        if sampling not in ("uniform", "error"):
+            raise ValueError(f"restart sampling must be 'uniform' or 'error', got {sampling!r}")
         dead = (self.usage < threshold).nonzero().flatten()
         if dead.numel() == 0 or recent.numel() == 0:
             return 0
-        pick = torch.randint(0, recent.shape[0], (dead.numel(),), generator=generator, device="cpu").to(recent.device)
+        weights = None
+        if sampling == "error":
+            live = self.usage >= threshold
+            if live.any():
+                e = self.codebook()[live].to(recent.dtype)
+                d = (recent.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * recent @ e.t()).amin(1)
+                weights = d.clamp_min(0).cpu()
+                if not float(weights.sum()) > 0:
+                    weights = None
+        if weights is None:
+            pick = torch.randint(0, recent.shape[0], (dead.numel(),), generator=generator, device="cpu")
+        else:
+            pick = torch.multinomial(weights.double(), dead.numel(), replacement=True, generator=generator)
+        pick = pick.to(recent.device)
         new = recent[pick].to(self.embedding.weight.dtype)
         new = new + 1e-3 * new.std() * torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
         self.embedding.weight[dead] = new

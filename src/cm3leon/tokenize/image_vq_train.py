@@ -61,6 +61,7 @@ class VQTrainConfig:
     disc_lr: float = 2e-4
     restart_every: int = 25  # dead-code restart period in steps (0 = off)
     restart_threshold: float = 0.03  # a code is dead when its running count per batch is below this
+    restart_sampling: str = "uniform"  # "uniform" | "error" (see VectorQuantizer.restart_dead_codes)
     usage_decay: float = 0.9  # decay of the running per-batch code counts
     hflip: bool = True  # random horizontal flips
     log_every: int = 50
@@ -92,7 +93,7 @@ class VQTrainConfig:
 TRAIN_PRESETS: dict[str, VQTrainConfig] = {
     # Small batches: on a CPU, more steps beat more images per step for this model size.
     "shapes-32": VQTrainConfig(steps=2400, batch_size=8, lr=2e-3, log_every=100, sample_every=600,
-                               checkpoint_every=600),
+                               checkpoint_every=600, restart_sampling="error"),
     "shapes-64": VQTrainConfig(steps=4000, batch_size=8, lr=2e-3, log_every=100, sample_every=1000,
                                checkpoint_every=1000),
     "paper-256": VQTrainConfig(
@@ -373,7 +374,8 @@ def _train(model_cfg: VQConfig, cfg: VQTrainConfig, train_images: torch.Tensor, 
             latents = res.quant.latents
             recent = latents if recent is None else torch.cat([latents, recent])[: 8 * latents.shape[0]]
             if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
-                n_dead = model.quantize.restart_dead_codes(recent, threshold=cfg.restart_threshold, generator=gen)
+                n_dead = model.quantize.restart_dead_codes(recent, threshold=cfg.restart_threshold, generator=gen,
+                                                               sampling=cfg.restart_sampling)
                 if n_dead:
                     logger.debug("step %d: restarted %d dead codes", step + 1, n_dead)
 
