@@ -73,20 +73,6 @@ def test_init_statistics():
         assert p.std().item() == pytest.approx(trunc_normal_std(std), rel=0.02), name
 
 
-def test_sinusoidal_position_init():
-    from cm3leon.model.transformer import sinusoidal_table
-
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=40, pos_init="sinusoidal",
-                      pos_init_std=0.006)
-    m = Transformer(cfg)
-    torch.testing.assert_close(m.pos_emb.weight, sinusoidal_table(40, 32) * 0.006 * 2**0.5)
-    t = sinusoidal_table(50, 8)  # hand check against the formula
-    assert t[3, 2].item() == pytest.approx(math.sin(3 / 10000 ** (2 / 8)), abs=1e-6)
-    assert t[3, 3].item() == pytest.approx(math.cos(3 / 10000 ** (2 / 8)), abs=1e-6)
-    with pytest.raises(ValueError, match="pos_init"):
-        ModelConfig(vocab_size=64, pos_init="rope")
-
-
 def test_causal_future_tokens_never_change_past_logits():
     m = randomized(tiny_cfg())
     ids = torch.randint(0, V, (3, 20))

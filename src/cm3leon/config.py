@@ -35,18 +35,12 @@ class ModelConfig:
     activation: str = "relu"  # OPT uses ReLU; "gelu" also supported
     init_std: float = 0.006
     pos_init_std: float = 0.0002
-    # "normal": the paper's trunc-normal(pos_init_std). "sinusoidal": the transformer's sine/cosine
-    # table scaled to element std pos_init_std (still a learned table; relative offsets are
-    # linearly readable from step 0, which small models trained briefly on images need).
-    pos_init: str = "normal"
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
-        if self.pos_init not in ("normal", "sinusoidal"):
-            raise ValueError(f"pos_init must be 'normal' or 'sinusoidal', got {self.pos_init!r}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
             raise ValueError("vocab_size and max_seq_len must be positive")
 

@@ -60,6 +60,9 @@ class QuickstartPreset:
     sft_lr: float = 1e-3
     eval_n: int = 64
     eval_samples: int = 4
+    # Nucleus cut for evaluation sampling. With a dominant background code a 0.9 cut removes
+    # the rare "an object starts here" tokens and a weak model then draws blank canvases.
+    eval_top_p: float = 1.0
     ablations: bool = True
     device: str = "auto"
 
@@ -72,9 +75,9 @@ PRESETS: dict[str, QuickstartPreset] = {
         pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
     ),
     "default": QuickstartPreset(
-        name="default", n_train=16000, n_val=256, vq_steps=2000,
+        name="default", n_train=16000, n_val=256, vq_steps=1600, encoder_steps=200,
         model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 256}, seq_len=256,
-        n_retrieved=2, pretrain_steps=700, sft_steps=300, sft_records=3000,
+        n_retrieved=2, pretrain_steps=800, sft_steps=300, sft_records=2000,
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
@@ -399,7 +402,8 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
         one = [r for r in records if len(r.meta["objects"]) == 1][: p.eval_n]
         two = [r for r in records if len(r.meta["objects"]) == 2][: p.eval_n]
         t2i_records = one + two
-        cfg = EvalConfig(n=p.eval_n, samples=p.eval_samples, grid_dir=str(d / "grids"), batch_size=32)
+        cfg = EvalConfig(n=p.eval_n, samples=p.eval_samples, grid_dir=str(d / "grids"), batch_size=32,
+                         top_p=p.eval_top_p)
         real = _real_features(pipe, data["val"])
         out: dict[str, Any] = {"tasks": {}, "ablations": {}}
         main = eval_t2i(pipe, t2i_records, cfg, name="t2i", real_features=real)
@@ -447,7 +451,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                   "pretrain_lr"))
     pre_dir = st.run("model_pretrained", _stage_assemble("pretrained", text, image, enc, index, shards, pre))
     ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=False, tasks=("t2i", "caption", "vqa")),
-                    ("eval_n", "eval_samples"))
+                    ("eval_n", "eval_samples", "eval_top_p"))
     sft = st.run("sft", _stage_sft(p, shards, pre), ("sft_steps", "sft_batch", "sft_lr"))
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")

@@ -10,24 +10,12 @@ sampling, no training infrastructure. The static KV cache used for decoding live
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon.config import ModelConfig
-
-
-def sinusoidal_table(n: int, d: int) -> Tensor:
-    """Vaswani et al.'s position table Float[n, d]: sin on even, cos on odd columns (element std 1/sqrt 2)."""
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)
-    t = torch.zeros(n, d, dtype=torch.float64)
-    t[:, 0::2] = torch.sin(pos * freq)
-    t[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
-    return t.float()
 
 
 def positions_from_valid(valid: Tensor) -> Tensor:
@@ -156,10 +144,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name == "pos_emb.weight":
                 ps = self.cfg.pos_init_std
-                if self.cfg.pos_init == "sinusoidal":
-                    p.copy_(sinusoidal_table(p.shape[0], p.shape[1]) * (ps * 2**0.5))
-                else:
-                    nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
+                nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
             elif name == "lm_head.weight":
                 nn.init.zeros_(p)
             else:
