@@ -35,12 +35,24 @@ class ModelConfig:
     activation: str = "relu"  # OPT uses ReLU; "gelu" also supported
     init_std: float = 0.006
     pos_init_std: float = 0.0002
+    # NOT in the paper (off by default): a learned embedding of each image token's place in
+    # its image (index 0..image_tokens-1 inside a run of image ids), added to the input like
+    # DALL-E's row/column embeddings. With OPT's absolute positions alone, an image starts at
+    # a different offset in every sequence and a small model trained for minutes never learns
+    # "the token 8 back is the one above". image_vocab = number of image ids (the last ids).
+    image_tokens: int = 0
+    image_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if (self.image_tokens > 0) != (self.image_vocab > 0) or self.image_tokens < 0 or self.image_vocab < 0:
+            raise ValueError("image_tokens and image_vocab must both be 0 (off) or both positive, got "
+                             f"{self.image_tokens} and {self.image_vocab}")
+        if self.image_vocab >= self.vocab_size:
+            raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
             raise ValueError("vocab_size and max_seq_len must be positive")
 

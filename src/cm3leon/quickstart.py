@@ -48,6 +48,9 @@ class QuickstartPreset:
     encoder_steps: int = 250
     model_preset: str = "shapes"
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Add a learned place-in-image embedding (ModelConfig.image_tokens; not in the paper):
+    # at this budget it is what lets the model draw whole objects (see docs/training.md).
+    image_pos_emb: bool = True
     seq_len: int = 384
     n_retrieved: int = 3
     detailed_caption_prob: float = 0.7
@@ -63,6 +66,7 @@ class QuickstartPreset:
     # Nucleus cut for evaluation sampling. With a dominant background code a 0.9 cut removes
     # the rare "an object starts here" tokens and a weak model then draws blank canvases.
     eval_top_p: float = 1.0
+    ablation_samples: int = 2  # images per prompt in each ablation run (the main t2i run uses eval_samples)
     ablations: bool = True
     device: str = "auto"
 
@@ -75,9 +79,9 @@ PRESETS: dict[str, QuickstartPreset] = {
         pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
     ),
     "default": QuickstartPreset(
-        name="default", n_train=16000, n_val=256, vq_steps=1600, encoder_steps=200,
+        name="default", n_train=16000, n_val=256, vq_steps=1400, encoder_steps=150,
         model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 256}, seq_len=256,
-        n_retrieved=2, pretrain_steps=800, sft_steps=300, sft_records=2000,
+        n_retrieved=2, pretrain_steps=800, sft_steps=250, sft_records=2000,
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
@@ -322,10 +326,11 @@ def _device(p: QuickstartPreset) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model_config(p: QuickstartPreset, vocab_size: int) -> Any:
+def _model_config(p: QuickstartPreset, vocab: Any) -> Any:
     from cm3leon.config import ModelConfig
 
-    return ModelConfig.from_name(p.model_preset, vocab_size=vocab_size, **p.model_overrides)
+    extra = dict(image_tokens=vocab.image_seq_len, image_vocab=vocab.image_size) if p.image_pos_emb else {}
+    return ModelConfig.from_name(p.model_preset, vocab_size=vocab.size, **extra, **p.model_overrides)
 
 
 def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
@@ -342,7 +347,7 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
                           warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
                           eval_batches=4, device=_device(p))
-        res = train(_model_config(p, vocab.size), cfg, data, d, vocab=vocab, val_data=val)
+        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val)
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "final_loss": res.losses[max(res.losses)] if res.losses else None}
 
@@ -364,7 +369,7 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
                           eval_batches=4, device=_device(p))
         val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1)
-        res = train(_model_config(p, vocab.size), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"])
+        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"])
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "mixture": data.table()}
 
@@ -412,7 +417,7 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
         for name, res in run_eval(pipe, records, others, cfg).items():
             out["tasks"][name] = dataclasses.asdict(res)
         if ablations:
-            quiet = dataclasses.replace(cfg, grid_dir=None)
+            quiet = dataclasses.replace(cfg, grid_dir=None, samples=p.ablation_samples)
             ab: dict[str, Any] = {}
             for g in (1.0, 2.0, 3.0, 5.0):
                 ab[f"cfg_{g:g}"] = eval_t2i(pipe, t2i_records, quiet, guidance=g, rerank=False).metrics
@@ -447,15 +452,16 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
     index = st.run("index", _stage_index(p, data, enc))
     shards = st.run("shards", _stage_shards(p, data, text, image, enc, index), ("detailed_caption_prob", "sft_records"))
     pre = st.run("pretrain", _stage_pretrain(p, shards),
-                 ("model_preset", "model_overrides", "seq_len", "n_retrieved", "pretrain_steps", "pretrain_batch",
-                  "pretrain_lr"))
+                 ("model_preset", "model_overrides", "image_pos_emb", "seq_len", "n_retrieved", "pretrain_steps",
+                  "pretrain_batch", "pretrain_lr"))
     pre_dir = st.run("model_pretrained", _stage_assemble("pretrained", text, image, enc, index, shards, pre))
     ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=False, tasks=("t2i", "caption", "vqa")),
                     ("eval_n", "eval_samples", "eval_top_p"))
     sft = st.run("sft", _stage_sft(p, shards, pre), ("sft_steps", "sft_batch", "sft_lr"))
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")
-    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, ablations=p.ablations, tasks=all_tasks), ("ablations",))
+    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, ablations=p.ablations, tasks=all_tasks),
+                    ("ablations", "ablation_samples"))
     from cm3leon.report import write_report
 
     report = write_report(out, preset=p, timings=st.timings, results=st.results, eval_pre=ev_pre, eval_sft=ev_sft,

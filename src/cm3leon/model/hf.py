@@ -38,6 +38,11 @@ def to_opt_config(cfg: ModelConfig, vocab: Vocab | None = None) -> OPTConfig:
     """The ``OPTConfig`` describing the same network as ``cfg`` (special ids from ``vocab``)."""
     from transformers import OPTConfig
 
+    if cfg.image_tokens:
+        raise ValueError(
+            "this model has an image position embedding (ModelConfig.image_tokens > 0), which OPT does not "
+            "have; only models without it can be exported to transformers"
+        )
     v = vocab or Vocab.paper()  # special ids are the same in every Vocab
     if vocab is not None and vocab.size != cfg.vocab_size:
         raise ValueError(f"vocab.size={vocab.size} does not match ModelConfig.vocab_size={cfg.vocab_size}")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.transformer import Transformer, padded_causal_mask, positions_from_valid
+from cm3leon.model.transformer import Transformer, image_index, padded_causal_mask, positions_from_valid
 
 
 class KVCache(nn.Module):
@@ -61,6 +61,9 @@ class KVCache(nn.Module):
         self.register_buffer("valid", torch.zeros(batch, max_len, device=device, dtype=torch.bool), persistent=False)
         self.register_buffer("pos", torch.zeros(batch, device=device, dtype=torch.long), persistent=False)
         self.register_buffer("slot", torch.zeros(1, device=device, dtype=torch.long), persistent=False)
+        # Place in its image of each row's last token (-1: not an image token), for models
+        # with an image position embedding.
+        self.register_buffer("image_idx", torch.full((batch,), -1, device=device, dtype=torch.long), persistent=False)
         self.batch = batch
         self.max_len = max_len
         self.static = static
@@ -70,7 +73,7 @@ class KVCache(nn.Module):
         if self.k.is_cuda and not torch.compiler.is_compiling():
             # Fixed addresses let CUDA graphs (torch.compile mode="reduce-overhead") update
             # the buffers in place instead of skipping graph capture for mutated inputs.
-            for buf in (self.k, self.v, self.valid, self.pos, self.slot):
+            for buf in (self.k, self.v, self.valid, self.pos, self.slot, self.image_idx):
                 torch._dynamo.mark_static_address(buf)
 
     @classmethod
@@ -107,6 +110,7 @@ class KVCache(nn.Module):
         self.valid.zero_()
         self.pos.zero_()
         self.slot.zero_()
+        self.image_idx.fill_(-1)
         self._written = 0
 
     @property
@@ -147,9 +151,13 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, l
         slots = q_idx
     else:
         attn_mask = padded_causal_mask(valid)  # (B, 1, T, T): the used slots only
+    img_idx = None
+    if model.cfg.image_tokens:
+        img_idx = image_index(ids, model.first_image_id, model.cfg.image_tokens)
+        cache.image_idx.copy_(img_idx[:, -1])
     logits = model.forward_cached(
         ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask, last_only=last_only,
-        head_window=head_window,
+        head_window=head_window, image_idx=img_idx,
     )
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
@@ -182,10 +190,20 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache,
     valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
     attn_mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(~valid, float("-inf"))
     logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
-                                  head_window=head_window)
+                                  head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits[:, -1]  # (B, V)
+
+
+def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor | None:
+    """Place in its image of each fed token ``ids`` Long[B, 1] (and record it in the cache)."""
+    if not model.cfg.image_tokens:
+        return None
+    is_img = ids[:, 0] >= model.first_image_id
+    nxt = torch.where(is_img, (cache.image_idx + 1) % model.cfg.image_tokens, torch.full_like(cache.image_idx, -1))
+    cache.image_idx.copy_(nxt)
+    return nxt[:, None]
 
 
 def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window: tuple[int, int] | None = None) -> Tensor:
@@ -194,7 +212,7 @@ def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window:
     cache.valid.index_fill_(1, slot, True)
     attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, S)
     logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
-                                  head_window=head_window)
+                                  head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits[:, -1]  # (B, V)

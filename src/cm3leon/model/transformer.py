@@ -18,6 +18,16 @@ from torch.utils.checkpoint import checkpoint
 from cm3leon.config import ModelConfig
 
 
+def image_index(ids: Tensor, first_image_id: int, image_tokens: int) -> Tensor:
+    """Each token's place inside its image, Long[B, T]: the number of image ids (``>=
+    first_image_id``) right before it in an unbroken run, modulo ``image_tokens``; -1 for
+    non-image tokens. A sequence is assumed to start outside an image."""
+    is_img = ids >= first_image_id
+    t = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    last_other = torch.where(is_img, torch.full_like(t, -1), t).cummax(dim=1).values
+    return torch.where(is_img, (t - last_other - 1) % image_tokens, torch.full_like(t, -1))
+
+
 def positions_from_valid(valid: Tensor) -> Tensor:
     """Per-token positions for a left-padded batch: the number of valid tokens before it.
 
@@ -131,6 +141,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.image_tokens:
+            self.image_pos_emb = nn.Embedding(cfg.image_tokens, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -142,7 +154,7 @@ class Transformer(nn.Module):
         """Paper §2.3 init: trunc-normal(0, std, ±3 std) everywhere, pos-emb std 0.0002, LM head 0."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name == "pos_emb.weight":
+            if name in ("pos_emb.weight", "image_pos_emb.weight"):
                 ps = self.cfg.pos_init_std
                 nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
             elif name == "lm_head.weight":
@@ -155,7 +167,26 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            if self.cfg.image_tokens:
+                n -= self.image_pos_emb.weight.numel()
         return n
+
+    @property
+    def first_image_id(self) -> int:
+        """Smallest image id (image ids are the last ``cfg.image_vocab`` ids); needs ``image_tokens``."""
+        return self.cfg.vocab_size - self.cfg.image_vocab
+
+    def embed(self, ids: Tensor, positions: Tensor, image_idx: Tensor | None = None) -> Tensor:
+        """Input embeddings Float[B, T, C]: token + position (+ place in image, if configured).
+
+        ``image_idx`` Long[B, T] (see :func:`image_index`) defaults to one computed from ``ids``.
+        """
+        x = self.tok_emb(ids) + self.pos_emb(positions)
+        if self.cfg.image_tokens:
+            if image_idx is None:
+                image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
+            x = x + self.image_pos_emb(image_idx.clamp_min(0)) * (image_idx >= 0).unsqueeze(-1).to(x.dtype)
+        return x
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
         if ids.dim() != 2:
@@ -181,7 +212,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
-        x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
+        x = self.embed(ids, positions)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
@@ -199,6 +230,7 @@ class Transformer(nn.Module):
         attn_mask: Tensor,
         last_only: bool = False,
         head_window: tuple[int, int] | None = None,
+        image_idx: Tensor | None = None,
     ) -> Tensor:
         """Forward of new tokens against a static KV cache (used by ``kv_cache.py``).
 
@@ -210,9 +242,10 @@ class Transformer(nn.Module):
         slots only, ``attn_mask`` [B, 1, T, s + T]. Returns logits Float[B, T, V], or
         Float[B, 1, V] for the last token only if ``last_only``. ``head_window=(lo, hi)``
         computes the logits of ids ``lo..hi-1`` only (Float[..., hi - lo]): decoding inside
-        one modality needs no others.
+        one modality needs no others. ``image_idx`` Long[B, T]: each new token's place in its
+        image (models with ``image_tokens``; the cache tracks it across steps).
         """
-        x = self.tok_emb(ids) + self.pos_emb(positions)  # (B, T, C)
+        x = self.embed(ids, positions, image_idx)  # (B, T, C)
         for block, layer_kv in zip(self.blocks, kv):
             x = block(x, attn_mask, layer_kv, slots)
         if last_only:
