@@ -56,3 +56,21 @@ def test_presets_and_errors():
     assert {"smoke", "default", "gpu"} <= set(PRESETS)
     with pytest.raises(ValueError, match="unknown quickstart preset"):
         get_preset("huge")
+
+
+def test_stage_with_changed_inputs_is_redone_from_an_empty_folder(tmp_path):
+    from cm3leon.quickstart import Stages
+
+    def stage(tag):
+        def fn(d):
+            assert not (d / "old.txt").exists(), "stale outputs of the earlier run were left behind"
+            (d / "old.txt").write_text(tag)
+            return {"tag": tag}
+        return fn
+
+    p = get_preset("smoke")
+    assert Stages(tmp_path, p).run("s", stage("a"), ("pretrain_steps",)) == {"tag": "a"}
+    assert Stages(tmp_path, p).run("s", stage("never"), ("pretrain_steps",)) == {"tag": "a"}  # reused
+    p2 = get_preset("smoke", pretrain_steps=p.pretrain_steps + 1)
+    assert Stages(tmp_path, p2).run("s", stage("b"), ("pretrain_steps",)) == {"tag": "b"}
+    assert (tmp_path / "s" / "old.txt").read_text() == "b"

@@ -201,6 +201,9 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train(tiny_model_config(vocab_size=99), cfg(), SynthData(), tmp_path / "x", vocab=VOCAB, progress=False)
+    with pytest.raises(ValueError, match="tokens per image"):
+        train(tiny_model_config(image_tokens=VOCAB.image_seq_len + 1, image_vocab=VOCAB.image_size), cfg(),
+              SynthData(), tmp_path / "x", vocab=VOCAB, progress=False)
     with pytest.raises(ValueError, match="max_seq_len"):
         train(tiny_model_config(max_seq_len=16), cfg(), SynthData(), tmp_path / "y", vocab=VOCAB, progress=False)
     with pytest.raises(ValueError, match="empty"):

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -79,9 +80,11 @@ PRESETS: dict[str, QuickstartPreset] = {
         pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
     ),
     "default": QuickstartPreset(
+        # seq 320: two retrieved documents + a detailed caption + 64 image tokens fit, in
+        # training and at inference (the retrieval ablation decodes with 0, 1 and 2).
         name="default", n_train=16000, n_val=256, vq_steps=1400, encoder_steps=150,
-        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 256}, seq_len=256,
-        n_retrieved=2, pretrain_steps=800, sft_steps=250, sft_records=2000,
+        model_overrides={"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 320}, seq_len=320,
+        n_retrieved=2, pretrain_steps=700, sft_steps=200, sft_records=1500,
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
@@ -114,7 +117,9 @@ class Stages:
 
         A stage's inputs are the preset ``fields`` it reads plus those of every earlier
         stage (stages run in a fixed order), so changing e.g. ``sft_steps`` redoes SFT and
-        evaluation but reuses the tokenizers, the index and pretraining.
+        evaluation but reuses the tokenizers, the index and pretraining. A finished stage
+        whose inputs changed is deleted and redone; an interrupted training stage resumes
+        from its last checkpoint.
         """
         self._fields += [f for f in fields if f not in self._fields]
         key = {f: getattr(self.preset, f) for f in self._fields}
@@ -127,6 +132,8 @@ class Stages:
                 self.timings[name] = rec["seconds"]
                 self.results[name] = rec["result"]
                 return rec["result"]
+        if d.exists() and (marker.exists() or self.force):
+            shutil.rmtree(d)  # outputs of a finished run with other inputs: stale
         d.mkdir(parents=True, exist_ok=True)
         print(f"== stage {name}", flush=True)
         t0 = time.perf_counter()
@@ -333,6 +340,11 @@ def _model_config(p: QuickstartPreset, vocab: Any) -> Any:
     return ModelConfig.from_name(p.model_preset, vocab_size=vocab.size, **extra, **p.model_overrides)
 
 
+def _interrupted(d: Path) -> bool:
+    """True if ``d`` holds checkpoints of a training stage that was stopped before it finished."""
+    return (d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir())
+
+
 def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.shards import Shards
@@ -347,7 +359,7 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
                           warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
                           eval_batches=4, device=_device(p))
-        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val)
+        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, resume=_interrupted(d))
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "final_loss": res.losses[max(res.losses)] if res.losses else None}
 
@@ -369,7 +381,8 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
                           eval_batches=4, device=_device(p))
         val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1)
-        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"])
+        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
+                    resume=_interrupted(d))
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "mixture": data.table()}
 

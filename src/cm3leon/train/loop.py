@@ -442,6 +442,12 @@ class _Trainer:
                 f"model vocab_size={model_cfg.vocab_size} but the data's vocabulary has {vocab.size} ids; "
                 "build the model config with vocab_size=vocab.size"
             )
+        if model_cfg.image_tokens and (model_cfg.image_tokens, model_cfg.image_vocab) != (vocab.image_seq_len,
+                                                                                          vocab.image_size):
+            raise ValueError(
+                f"model image_tokens={model_cfg.image_tokens}, image_vocab={model_cfg.image_vocab} but the data has "
+                f"{vocab.image_seq_len} tokens per image and {vocab.image_size} image ids; set them to match"
+            )
         self.model_cfg, self.cfg, self.data, self.out, self.vocab, self.val, self.ctx = (
             model_cfg, cfg, data, out, vocab, val, ctx)
         self.metrics = MetricsLog(out / "metrics.jsonl", ctx.is_main)
