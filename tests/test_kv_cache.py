@@ -124,7 +124,7 @@ def test_model_is_not_mutated_and_cache_is_a_separate_module():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not list(model.buffers())
-    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot"}
+    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot", "image_idx"}
     assert cache.k.shape == (3, 2, 4, 10, 8)
 
 
