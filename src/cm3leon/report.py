@@ -59,7 +59,8 @@ def _metrics_table(ev_pre: dict[str, Any], ev_sft: dict[str, Any]) -> tuple[list
 def _ablation_table(ab: dict[str, Any]) -> str:
     if not ab:
         return "<p>(ablations off in this preset)</p>"
-    keys = ["judge_all_correct", "judge_all_correct_1obj", "judge_all_correct_2obj", "clip_score"]
+    keys = ["judge_all_correct_1obj", "judge_all_correct_2obj", "attr_shape", "attr_color", "attr_size",
+            "attr_position", "count_correct", "clip_score"]
     head = "".join(f"<th>{k}</th>" for k in keys)
     body = "".join(
         f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(m.get(k, float('nan')))}</td>" for k in keys) + "</tr>"
@@ -83,7 +84,7 @@ def write_report(out: Path, *, preset: Any, timings: dict[str, float], results: 
         "pretrain": {k: v for k, v in results.get("pretrain", {}).items() if k != "dir"},
         "sft": {k: v for k, v in results.get("sft", {}).items() if k not in ("dir", "mixture")},
         "metrics": rows,
-        "ablations": eval_sft.get("ablations", {}),
+        "ablations": eval_pre.get("ablations") or eval_sft.get("ablations", {}),
         "examples": {t: r.get("examples", []) for t, r in eval_sft["tasks"].items()},
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float))
@@ -115,7 +116,7 @@ means every attribute (shape, color, size, position) of every object right and t
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
 {''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}
 {f'<h3>pretrained-only model, same prompts</h3><img src="{html.escape(pre_grid)}">' if pre_grid else ''}
-<h2>Ablations (paper §3: retrieval, CFG, sampling, re-ranking)</h2>{_ablation_table(report['ablations'])}
+<h2>Ablations of the pretrained model (paper §3: retrieval, CFG, sampling, re-ranking)</h2>{_ablation_table(report['ablations'])}
 <h2>Caption and VQA examples</h2>{examples}
 <h2>Training</h2>{''.join(f'<h3>{n}</h3><img src="{html.escape(c)}">' for n, c in curves)}
 <p>Image tokenizer: held-out PSNR {_fmt(vq.get('val_psnr', float('nan')))} dB, codebook usage
