@@ -13,13 +13,7 @@ from cm3leon.generate.guidance import unconditional_prompt
 from cm3leon.pipeline import CM3Leon
 from serve_fixtures import build_tiny_model_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

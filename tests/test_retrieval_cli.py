@@ -15,16 +15,7 @@ from cm3leon.retrieval.index import MemoryBank
 from cm3leon.retrieval.neighbors import load_neighbors
 from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and far faster on a shared, busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,7 @@ from cm3leon.retrieval.encoder import (
 )
 from cm3leon.tokenize.text_bpe import TextTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and far faster on a shared, busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TEXTS = ["a red circle", "two blue squares and a green triangle", "an orange diamond", "x", "purple"]

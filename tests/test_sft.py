@@ -54,15 +54,8 @@ class ByteTokenizer:
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # noqa: ANN202
-    """Small convolutions run far faster on one thread than on a shared, busy CPU."""
-    import torch
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 L = 4
 V = Vocab(text_size=256, image_size=16, image_seq_len=L)
 IMG_A, IMG_B = [1, 2, 3, 4], [5, 6, 7, 8]

@@ -16,15 +16,7 @@ from cm3leon.vocab import Vocab
 V = Vocab(text_size=30, image_size=16, image_seq_len=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():  # noqa: ANN202
-    """Small convolutions run far faster on one thread than on a shared, busy CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_docs(n: int, seed: int = 0) -> list[list[int]]:

@@ -1,0 +1,13 @@
+"""Shared fixtures."""
+
+import pytest
+
+from test_train_synth import one_thread
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():  # noqa: ANN201
+    """One torch thread for a whole module (restored afterwards): tiny models run fastest on
+    one thread, and on a shared, busy CPU extra threads stall each other."""
+    with one_thread():
+        yield
