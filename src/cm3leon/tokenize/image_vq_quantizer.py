@@ -37,6 +37,13 @@ class QuantizerOutput:
     counts: torch.Tensor  # [K] how often each code was picked in this batch
 
 
+def squared_distances(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``|z_i - e_j|^2`` for rows of ``z`` [N, D] and ``e`` [K, D] -> [N, K]."""
+    # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e ; the |z|^2 term does not change an argmin but is
+    # kept so distances are true distances (and ties break like taming/HF).
+    return z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * z @ e.t()
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook over channel vectors of a ``[B, D, h, w]`` map."""
 
@@ -80,11 +87,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code (squared L2) for each row of ``z_flat`` [N, D]."""
-        e = self.codebook()
-        # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e ; the |z|^2 term does not change the argmin
-        # but is kept so distances are true distances (and ties break like taming/HF).
-        d = z_flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * z_flat @ e.t()
-        return d.argmin(dim=1)
+        return squared_distances(z_flat, self.codebook()).argmin(dim=1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors for ``indices`` [B, h, w] as a map [B, D, h, w]."""
@@ -154,8 +157,7 @@ class VectorQuantizer(nn.Module):
         if sampling == "error":
             live = self.usage >= threshold
             if live.any():
-                e = self.codebook()[live].to(recent.dtype)
-                d = (recent.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * recent @ e.t()).amin(1)
+                d = squared_distances(recent, self.codebook()[live].to(recent.dtype)).amin(1)
                 weights = d.clamp_min(0).cpu()
                 if not float(weights.sum()) > 0:
                     weights = None
