@@ -18,7 +18,7 @@ from cm3leon.sequence.build import (
     to_row,
     truncate_document,
 )
-from cm3leon.sequence.cm3 import CM3Config, cm3_inverse, segment_ranges
+from cm3leon.sequence.cm3 import CM3Config, cm3_inverse, image_places, segment_ranges
 from cm3leon.sequence.document import Document, split_documents
 from cm3leon.vocab import Kind, Vocab
 
@@ -171,8 +171,9 @@ def test_to_row_and_collate() -> None:
     assert row["labels"].tolist() == [1, 10, 11, 12, -100, -100]
     full = to_row(list(range(1, 7)), 6, V)
     assert full["labels"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert row["image_idx"].tolist() == [-1] * 6  # no image ids
     b = collate([row, full])
-    assert b["ids"].shape == (2, 6)
+    assert b["ids"].shape == b["image_idx"].shape == (2, 6)
     with pytest.raises(ValueError):
         to_row(list(range(7)), 6, V)
 
@@ -185,3 +186,18 @@ def test_dataloader_and_clear_errors(shards: Shards) -> None:
         PretrainDataset(shards, seq_len=5)
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_rows_carry_untransformed_image_places(shards: Shards) -> None:
+    """``image_idx`` is each image token's place before CM3 moved spans (-1 elsewhere, pad included)."""
+    ds = PretrainDataset(shards, seq_len=200, seed=2, cm3=CM3Config(poisson_lambda=3.0, whole_segment_prob=0.0))
+    moved = 0
+    for i in range(len(ds)):
+        row = ds[i]
+        w = window_of(row)
+        assert row["image_idx"][: len(w)].tolist() == image_places(w, V)
+        assert bool((row["image_idx"][len(w):] == -1).all())
+        # a run of image ids that does not start at place 0 follows a mask inside an image
+        places = row["image_idx"].tolist()
+        moved += sum(1 for t in range(1, len(w)) if places[t] > 0 and places[t - 1] == -1)
+    assert moved > 0  # partial image spans happened, so ids alone would mislabel places

@@ -16,6 +16,7 @@ from cm3leon.sequence.cm3 import (
     cm3_inverse_sequence,
     cm3_transform,
     cm3_transform_sequence,
+    image_places,
     sample_poisson,
     sample_spans,
     segment_ranges,
@@ -199,3 +200,42 @@ def test_whole_caption_masking_happens_often_enough_for_cfg() -> None:
     )
     # P(1+ span) * P(whole) = (1 - e^-1) * 0.25 ~= 0.158 at least (partial spans can cover it too)
     assert uncond / n > 0.12
+
+
+def test_image_places_hand_example() -> None:
+    """A span cut out of an image keeps its places, and the image goes on after it."""
+    a, b, c, d = V.codes_to_ids([9, 8, 7, 6])
+    doc = [V.eos_id, *words("a"), V.break_id, a, b, c, d]
+    out = apply_spans(doc, V, [(4, 6)])  # b c
+    assert out == [V.eos_id, *words("a"), V.break_id, a, V.mask_id(0), d, V.infill_id, b, c]
+    assert image_places(out, V) == [-1, -1, -1, 0, -1, 3, -1, 1, 2]
+    # untransformed: places are just the run index; a second image starts again at 0
+    two = doc + [V.eos_id, V.break_id, a, b]
+    assert image_places(two, V) == [-1, -1, -1, 0, 1, 2, 3, -1, -1, 0, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_docs=st.integers(1, 3), n_images=st.integers(0, 3), seed=st.integers(0, 2**31), lam=st.floats(0.0, 4.0))
+def test_image_places_are_the_untransformed_places(n_docs: int, n_images: int, seed: int, lam: float) -> None:
+    """Image codes that spell their own place must read back exactly, whatever spans were cut."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        segs = [("t", [V.text_offset + rng.randrange(5) for _ in range(rng.randint(1, 4))])]
+        for _ in range(n_images):
+            segs.append(("i", list(range(V.image_seq_len))))
+            if rng.random() < 0.5:
+                segs.append(("t", [V.text_offset + rng.randrange(5) for _ in range(rng.randint(1, 3))]))
+        docs.append(to_doc(segs))
+    row = cm3_transform_sequence([i for d in docs for i in d], V, rng, CM3Config(poisson_lambda=lam))
+    places = image_places(row, V)
+    assert len(places) == len(row)
+    for t, p in zip(row, places, strict=True):
+        assert p == (t - V.image_offset if t >= V.image_offset else -1)
+
+
+def test_image_places_tolerate_a_cut_tail() -> None:
+    """A row cut inside a tail (or a mask without its span) still gets places, never an error."""
+    a, b, c, d = V.codes_to_ids([0, 1, 2, 3])
+    row = [V.eos_id, V.break_id, a, V.mask_id(0), d, V.mask_id(1)]
+    assert image_places(row, V) == [-1, -1, 0, -1, 1, -1]

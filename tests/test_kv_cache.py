@@ -7,7 +7,7 @@ import torch
 
 from cm3leon.config import ModelConfig
 from cm3leon.model.kv_cache import KVCache, decode_one_token, prefill
-from cm3leon.model.transformer import Transformer
+from cm3leon.model.transformer import Transformer, image_index
 
 V = 101
 
@@ -217,6 +217,27 @@ def test_image_position_embedding_cached_equals_full_forward(static):
     before = m(seqs[0][None])
     m.image_pos_emb.weight.zero_()
     assert not torch.allclose(m(seqs[0][None]), before)
+
+
+@torch.no_grad()
+def test_forward_takes_explicit_image_places():
+    """Training passes the un-transformed places of CM3 rows; the default is computed from ids."""
+    cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=1, n_heads=4, max_seq_len=40, image_tokens=4,
+                      image_vocab=10)
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    for p in m.parameters():
+        p.normal_(std=0.1)
+    ids = torch.tensor([[1, 5, 2, 60, 4, 63, 3, 61, 62]])  # <mask:0> cut places 1-2 out of the image
+    default = image_index(ids, m.first_image_id, 4)
+    assert default.tolist() == [[-1, -1, -1, 0, -1, 0, -1, 0, 1]]
+    torch.testing.assert_close(m(ids, image_idx=default), m(ids))
+    true = torch.tensor([[-1, -1, -1, 0, -1, 3, -1, 1, 2]])
+    assert not torch.allclose(m(ids, image_idx=true), m(ids))
+    with pytest.raises(ValueError, match="image_idx shape"):
+        m(ids, image_idx=true[:, :-1])
+    plain = Transformer(ModelConfig(vocab_size=70, d_model=32, n_layers=1, n_heads=4, max_seq_len=40)).eval()
+    torch.testing.assert_close(plain(ids, image_idx=true), plain(ids))  # ignored without the embedding
 
 
 def test_image_position_embedding_config_and_export_errors():

@@ -237,3 +237,41 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path):
     done = train(mc, tc, SynthData(), out, vocab=VOCAB, resume=True, progress=False)
     assert (done.status, done.step) == ("completed", 10)
     assert train_losses(out) == ref.losses
+
+
+class _PlacedData(SynthData):
+    """SynthData rows with an explicit ``image_idx``: the ids' own places, or shifted by one."""
+
+    def __init__(self, shift: int, **kw) -> None:
+        super().__init__(**kw)
+        self.shift = shift
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = super().__getitem__(i)
+        from cm3leon.model.transformer import image_index
+
+        idx = image_index(row["ids"][None], VOCAB.image_offset, VOCAB.image_seq_len)[0]
+        row["image_idx"] = torch.where(idx >= 0, (idx + self.shift) % VOCAB.image_seq_len, idx)
+        return row
+
+
+def test_rows_image_places_reach_the_model_in_training_and_evaluation(tmp_path):
+    """Rows' ``image_idx`` (the un-transformed places of CM3 rows) is what the model embeds."""
+    mc = tiny_model_config(image_tokens=VOCAB.image_seq_len, image_vocab=VOCAB.image_size)
+    torch.manual_seed(0)
+    model = Transformer(mc)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    plain, same, shifted = SynthData(n=4), _PlacedData(0, n=4), _PlacedData(1, n=4)
+    ev = {k: evaluate(model, d, VOCAB, batch_size=2, n_batches=2, ctx=CPU)["loss_image"]
+          for k, d in (("plain", plain), ("same", same), ("shifted", shifted))}
+    assert ev["same"] == pytest.approx(ev["plain"], rel=1e-6)
+    assert ev["shifted"] != pytest.approx(ev["plain"], rel=1e-3)
+    b = collate([shifted[i] for i in range(4)])
+    assert torch.equal(b["image_idx"], torch.stack([shifted[i]["image_idx"] for i in range(4)]))
+    runs = {}
+    for k, d in (("plain", plain), ("same", same), ("shifted", shifted)):
+        train(mc, cfg(steps=2), d, tmp_path / k, vocab=VOCAB, progress=False)
+        runs[k] = train_losses(tmp_path / k)
+    assert runs["same"] == runs["plain"]
+    assert runs["shifted"] != runs["plain"]

@@ -197,13 +197,17 @@ class Transformer(nn.Module):
             raise ValueError(f"positions shape {tuple(positions.shape)} must equal ids shape {tuple(ids.shape)}")
 
     def forward(
-        self, ids: Tensor, positions: Tensor | None = None, *, key_valid: Tensor | None = None
+        self, ids: Tensor, positions: Tensor | None = None, *, key_valid: Tensor | None = None,
+        image_idx: Tensor | None = None,
     ) -> Tensor:
         """Causal forward over ``ids`` Long[B, T] -> logits Float[B, T, V].
 
         ``positions`` defaults to 0..T-1 (use :func:`positions_from_valid` for left-padded
         batches). ``key_valid`` Bool[B, T] is False on left padding: those keys are never
-        attended; pad query rows still produce finite (meaningless) values.
+        attended; pad query rows still produce finite (meaningless) values. ``image_idx``
+        (models with ``image_tokens`` only; ignored otherwise) gives each token's place in
+        its image, e.g. the un-transformed places of CM3 training rows; by default it is
+        computed from ``ids`` (:func:`image_index`).
         """
         self._check_inputs(ids, positions)
         B, T = ids.shape
@@ -212,7 +216,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
-        x = self.embed(ids, positions)  # (B, T, C)
+        if image_idx is not None and image_idx.shape != ids.shape:
+            raise ValueError(f"image_idx shape {tuple(image_idx.shape)} must equal ids shape {tuple(ids.shape)}")
+        x = self.embed(ids, positions, image_idx if self.cfg.image_tokens else None)  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from cm3leon.data.shards import Shards
-from cm3leon.sequence.cm3 import CM3Config, cm3_transform, segment_ranges
+from cm3leon.sequence.cm3 import CM3Config, cm3_transform, image_places, segment_ranges
 from cm3leon.vocab import Kind, Vocab
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,20 @@ def fit_example(docs: Sequence[Sequence[int]], budget: int) -> list[list[int]] |
 
 
 def to_row(window: Sequence[int], seq_len: int, vocab: Vocab) -> dict[str, torch.Tensor]:
-    """``{"ids", "labels"}`` Long[seq_len] from at most ``seq_len`` real ids (labels -100 on pad)."""
+    """``{"ids", "labels", "image_idx"}`` Long[seq_len] from at most ``seq_len`` real ids.
+
+    Labels are -100 on padding; ``image_idx`` is each image token's place in its
+    un-transformed image (:func:`~cm3leon.sequence.cm3.image_places`), -1 elsewhere.
+    """
     if len(window) > seq_len:
         raise ValueError(f"window of {len(window)} ids exceeds seq_len = {seq_len}")
     ids = torch.full((seq_len,), vocab.pad_id, dtype=torch.long)
     ids[: len(window)] = torch.as_tensor(list(window), dtype=torch.long)
     labels = ids.clone()
     labels[len(window) :] = IGNORE_INDEX
-    return {"ids": ids, "labels": labels}
+    image_idx = torch.full((seq_len,), -1, dtype=torch.long)
+    image_idx[: len(window)] = torch.as_tensor(image_places(window, vocab), dtype=torch.long)
+    return {"ids": ids, "labels": labels, "image_idx": image_idx}
 
 
 def pack_row(

@@ -276,3 +276,46 @@ def cm3_inverse_sequence(ids: Sequence[int], vocab: Vocab) -> list[int]:
     for doc in split_documents(list(ids), vocab):
         out.extend(cm3_inverse(doc, vocab))
     return out
+
+
+def image_places(ids: Sequence[int], vocab: Vocab) -> list[int]:
+    """Each token's place inside its image in the UN-transformed document, -1 for non-image ids.
+
+    ``ids`` is a row of CM3-transformed documents (each starting with ``<eos>``). An image
+    token's place is its index in the image (0 .. ``vocab.image_seq_len - 1``) before the
+    transform moved spans around: after a ``<mask:i>`` cut out of an image, the image
+    continues at the place after the span, and the span in the tail keeps its own places.
+    Models with a place-in-image embedding (``ModelConfig.image_tokens``) read these during
+    training; computed from the ids alone the places would restart at 0 after every mask.
+    A malformed tail (a ``<mask:i>`` without its span) is read as far as it goes.
+    """
+    ids = list(ids)
+    out = [-1] * len(ids)
+    first_img, L, eos, infill = vocab.image_offset, vocab.image_seq_len, vocab.eos_id, vocab.infill_id
+    starts = [i for i, t in enumerate(ids) if t == eos]
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    for s, e in zip(starts, [*starts[1:], len(ids)], strict=True):
+        doc = ids[s:e]
+        cut = doc.index(infill) if infill in doc else len(doc)
+        spans: list[list[int]] = []
+        for j in range(cut, len(doc)):
+            if doc[j] == infill:
+                spans.append([])
+            else:
+                spans[-1].append(j)
+        order: list[int] = []  # positions in ``doc``, in un-transformed order
+        for j in range(cut):
+            if vocab.is_mask(doc[j]):
+                k = vocab.mask_index(doc[j])
+                order.extend(spans[k] if k < len(spans) else ())
+            else:
+                order.append(j)
+        run = 0
+        for j in order:
+            if doc[j] >= first_img:
+                out[s + j] = run % L
+                run += 1
+            else:
+                run = 0
+    return out

@@ -124,15 +124,26 @@ class MicroBatches:
 
 
 def collate(samples: Sequence[dict[str, Tensor]], pad_id: int = 0) -> dict[str, Tensor]:
-    """Stack ``{"ids", "labels"}`` samples, right-padding shorter ones (pad id / -100)."""
+    """Stack ``{"ids", "labels"}`` samples, right-padding shorter ones (pad id / -100).
+
+    An optional ``"image_idx"`` (places in images, see ``sequence.build.to_row``) is kept
+    when every sample has one, padded with -1.
+    """
     T = max(int(s["ids"].shape[0]) for s in samples)
     ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.long)
+    places = all("image_idx" in s for s in samples)
+    image_idx = torch.full((len(samples), T), -1, dtype=torch.long) if places else None
     for i, s in enumerate(samples):
         n = s["ids"].shape[0]
         ids[i, :n] = s["ids"]
         labels[i, :n] = s["labels"]
-    return {"ids": ids, "labels": labels}
+        if image_idx is not None:
+            image_idx[i, :n] = s["image_idx"]
+    out = {"ids": ids, "labels": labels}
+    if image_idx is not None:
+        out["image_idx"] = image_idx
+    return out
 
 
 # ---- loss ------------------------------------------------------------------------------
@@ -342,8 +353,9 @@ def evaluate(
             start = (b if b < n_total else 0) * batch_size
             batch = collate([data[i] for i in range(start, min(n, start + batch_size))], vocab.pad_id)
             ids, labels = batch["ids"].to(ctx.device), batch["labels"].to(ctx.device)
+            places = batch["image_idx"].to(ctx.device) if "image_idx" in batch else None
             with autocast or contextlib.nullcontext():
-                logits = model(ids)
+                logits = model(ids, image_idx=places)
             tgt = next_token_targets(labels)
             V = logits.shape[-1]
             nll = F.cross_entropy(
@@ -653,7 +665,7 @@ class _Trainer:
                 for k, mb in enumerate(micro):
                     with grad_sync(model, ctx, enabled=k == plan.grad_accum - 1):
                         with autocast:
-                            logits = model(mb["ids"])
+                            logits = model(mb["ids"], image_idx=mb.get("image_idx"))
                         ls = lm_loss_sum(logits, mb["labels"])
                         (ls * scale).backward()
                     loss_sum += ls.detach()
