@@ -193,12 +193,12 @@ def test_image_index_hand_example():
     assert image_index(ids, 60, 3).tolist() == [[-1, -1, 0, 1, 2, 0, -1, 0, 1, -1]]
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("static,axial", [(False, False), (True, False), (True, True)])
 @torch.no_grad()
-def test_image_position_embedding_cached_equals_full_forward(static):
+def test_image_position_embedding_cached_equals_full_forward(static, axial):
     """The cache tracks each row's place in its image across prefill and decode steps."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
-                      image_vocab=10)
+                      image_vocab=10, image_axial=axial)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     for p in m.parameters():
@@ -217,6 +217,11 @@ def test_image_position_embedding_cached_equals_full_forward(static):
     before = m(seqs[0][None])
     m.image_pos_emb.weight.zero_()
     assert not torch.allclose(m(seqs[0][None]), before)
+    if axial:  # row and column tables are used too
+        for table in (m.image_row_emb, m.image_col_emb):
+            before = m(seqs[0][None])
+            table.weight.zero_()
+            assert not torch.allclose(m(seqs[0][None]), before)
 
 
 @torch.no_grad()
@@ -243,6 +248,10 @@ def test_forward_takes_explicit_image_places():
 def test_image_position_embedding_config_and_export_errors():
     with pytest.raises(ValueError, match="both"):
         ModelConfig(vocab_size=70, image_tokens=4)
+    with pytest.raises(ValueError, match="square"):
+        ModelConfig(vocab_size=70, image_tokens=6, image_vocab=10, image_axial=True)
+    with pytest.raises(ValueError, match="square"):
+        ModelConfig(vocab_size=70, image_axial=True)
     from cm3leon.model.hf import to_opt_config
 
     with pytest.raises(ValueError, match="OPT"):

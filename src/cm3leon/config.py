@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ class ModelConfig:
     # "the token 8 back is the one above". image_vocab = number of image ids (the last ids).
     image_tokens: int = 0
     image_vocab: int = 0
+    # With image_tokens: also add a learned row and a learned column embedding (DALL-E's
+    # factorisation; the image is a square grid of sqrt(image_tokens) tokens a side). Each
+    # row/column vector is trained by every token of that row/column, so "on the left" is
+    # one thing to learn instead of one per place.
+    image_axial: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -51,6 +57,9 @@ class ModelConfig:
         if (self.image_tokens > 0) != (self.image_vocab > 0) or self.image_tokens < 0 or self.image_vocab < 0:
             raise ValueError("image_tokens and image_vocab must both be 0 (off) or both positive, got "
                              f"{self.image_tokens} and {self.image_vocab}")
+        if self.image_axial and (not self.image_tokens or math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
+            raise ValueError(f"image_axial needs image_tokens to be a square number (a square image grid), "
+                             f"got image_tokens={self.image_tokens}")
         if self.image_vocab >= self.vocab_size:
             raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:

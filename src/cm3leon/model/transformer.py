@@ -10,6 +10,8 @@ sampling, no training infrastructure. The static KV cache used for decoding live
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -143,6 +145,10 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         if cfg.image_tokens:
             self.image_pos_emb = nn.Embedding(cfg.image_tokens, cfg.d_model)
+        if cfg.image_axial:
+            side = math.isqrt(cfg.image_tokens)
+            self.image_row_emb = nn.Embedding(side, cfg.d_model)
+            self.image_col_emb = nn.Embedding(side, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -154,7 +160,7 @@ class Transformer(nn.Module):
         """Paper §2.3 init: trunc-normal(0, std, ±3 std) everywhere, pos-emb std 0.0002, LM head 0."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name in ("pos_emb.weight", "image_pos_emb.weight"):
+            if name in ("pos_emb.weight", "image_pos_emb.weight", "image_row_emb.weight", "image_col_emb.weight"):
                 ps = self.cfg.pos_init_std
                 nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
             elif name == "lm_head.weight":
@@ -169,6 +175,8 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
             if self.cfg.image_tokens:
                 n -= self.image_pos_emb.weight.numel()
+            if self.cfg.image_axial:
+                n -= self.image_row_emb.weight.numel() + self.image_col_emb.weight.numel()
         return n
 
     @property
@@ -185,7 +193,12 @@ class Transformer(nn.Module):
         if self.cfg.image_tokens:
             if image_idx is None:
                 image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
-            x = x + self.image_pos_emb(image_idx.clamp_min(0)) * (image_idx >= 0).unsqueeze(-1).to(x.dtype)
+            place = image_idx.clamp_min(0)
+            emb = self.image_pos_emb(place)
+            if self.cfg.image_axial:
+                side = self.image_row_emb.num_embeddings
+                emb = emb + self.image_row_emb(place // side) + self.image_col_emb(place % side)
+            x = x + emb * (image_idx >= 0).unsqueeze(-1).to(x.dtype)
         return x
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
