@@ -74,3 +74,35 @@ def test_stage_with_changed_inputs_is_redone_from_an_empty_folder(tmp_path):
     p2 = get_preset("smoke", pretrain_steps=p.pretrain_steps + 1)
     assert Stages(tmp_path, p2).run("s", stage("b"), ("pretrain_steps",)) == {"tag": "b"}
     assert (tmp_path / "s" / "old.txt").read_text() == "b"
+
+
+def test_a_stage_reruns_only_when_its_own_or_upstream_inputs_change(tmp_path):
+    """Changing an evaluation knob of the pretrained model must not redo SFT (a sibling stage)."""
+    from cm3leon.quickstart import Stages
+
+    ran: list[str] = []
+
+    def stage(name):
+        def fn(d):
+            ran.append(name)
+            return {}
+        return fn
+
+    def pipeline(p):
+        st = Stages(tmp_path, p)
+        st.run("pretrain", stage("pretrain"), ("pretrain_steps",))
+        st.run("eval_pretrained", stage("eval_pretrained"), ("eval_temperature",), after=("pretrain",))
+        st.run("sft", stage("sft"), ("sft_steps",), after=("pretrain",))
+        st.run("eval", stage("eval"), ("eval_temperature",), after=("sft",))
+
+    p = get_preset("smoke")
+    pipeline(p)
+    assert ran == ["pretrain", "eval_pretrained", "sft", "eval"]
+    ran.clear()
+    pipeline(get_preset("smoke", eval_temperature=0.9))
+    assert ran == ["eval_pretrained", "eval"]
+    ran.clear()
+    pipeline(get_preset("smoke", eval_temperature=0.9, pretrain_steps=p.pretrain_steps + 1))
+    assert ran == ["pretrain", "eval_pretrained", "sft", "eval"]
+    with pytest.raises(ValueError, match="have not run yet"):
+        Stages(tmp_path, p).run("x", stage("x"), after=("nope",))

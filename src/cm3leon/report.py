@@ -111,8 +111,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{image-renderi
 retrieval-augmented CM3 pretraining → SFT → evaluation. Total stage time {sum(timings.values()):.0f}s
 (this invocation {wall:.0f}s; reused stages cost nothing).</p>
 <h2>Metrics (held-out Shapes)</h2>{table}
-<p>Text-to-image uses the detailed caption as prompt, CFG {3.0} with CLIP re-ranking over the samples; "all correct"
-means every attribute (shape, color, size, position) of every object right and the object count right.</p>
+<p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved documents, CFG 3,
+temperature {preset.eval_temperature:g}, top-p {preset.eval_top_p:g}, {preset.eval_samples} samples per prompt
+re-ranked by CLIP score; "all correct" means every attribute (shape, color, size, position) of every object right
+and the object count right.</p>
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
 {''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}
 {f'<h3>pretrained-only model, same prompts</h3><img src="{html.escape(pre_grid)}">' if pre_grid else ''}

@@ -131,12 +131,23 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
             fake = metrics.image_features(best, pipe.encoder)
             m["fd_clip"] = metrics.frechet_distance(real_features, fake)
     grid = None
+    shown = _grid_rows(n_obj, 8)
     if cfg.grid_dir:
-        k = min(8, len(records))
-        grid = str(save_grid([[r.image, *s] for r, s in zip(records[:k], all_samples[:k])],
-                             Path(cfg.grid_dir) / f"{name}.png", labels=prompts[:k]))
-    examples = [{"prompt": p, "all_correct": bool(v.all_correct)} for p, v in zip(prompts[:8], verdicts[:8])]
+        grid = str(save_grid([[records[i].image, *all_samples[i]] for i in shown],
+                             Path(cfg.grid_dir) / f"{name}.png", labels=[prompts[i] for i in shown]))
+    examples = [{"prompt": prompts[i], "all_correct": bool(verdicts[i].all_correct)} for i in shown]
     return TaskResult(name, m, examples, grid, time.perf_counter() - t0)
+
+
+def _grid_rows(n_obj: np.ndarray, k: int) -> list[int]:
+    """Indices of up to ``k`` prompts to show, shared evenly among the object counts present."""
+    groups = [list(np.flatnonzero(n_obj == c)) for c in sorted(set(n_obj.tolist()))]
+    rows: list[int] = []
+    while len(rows) < min(k, len(n_obj)):
+        for g in groups:
+            if g and len(rows) < k:
+                rows.append(int(g.pop(0)))
+    return sorted(rows)
 
 
 # ---- image-to-text ----------------------------------------------------------------------
