@@ -342,23 +342,33 @@ def smoke() -> RunConfig:
     )
 
 
-_QUICKSTART_MODEL = {"d_model": 192, "n_layers": 4, "n_heads": 6, "max_seq_len": 320, "image_tokens": 64,
-                     "image_vocab": 512}
+def _quickstart_preset() -> Any:
+    from cm3leon.quickstart import PRESETS  # the quickstart's `default` preset is the source of truth
+
+    return PRESETS["default"]
+
+
+# The quickstart model: its shape from the `default` preset; 64 tokens per image and 512
+# codes are what the `shapes-32` image tokenizer gives (the quickstart reads them from data).
+_QUICKSTART_MODEL = {**_quickstart_preset().model_overrides, "image_tokens": 64, "image_vocab": 512}
 
 
 @recipe("quickstart")
 def quickstart() -> RunConfig:
-    """About 8 minutes on 2 CPU cores: a 4-layer d=192 model on 32 px Shapes (64 tokens per image,
-    512 codes) with the place-in-image embedding the quickstart uses (not in the paper)."""
+    """About 10 minutes on 2 CPU cores: the quickstart's pretraining (a 4-layer d=128 model on
+    32 px Shapes, 64 tokens per image, 512 codes, with the place-in-image and row/column
+    embeddings the quickstart uses; not in the paper)."""
+    p = _quickstart_preset()
     return RunConfig(
         name="quickstart",
-        model="shapes",
+        model=p.model_preset,
         model_overrides=dict(_QUICKSTART_MODEL),
         train=TrainConfig(
-            steps=700, batch_size=16, lr=2e-3, warmup_steps=35, decay="cosine", log_every=14,
-            eval_every=350, eval_batches=4, ckpt_every=350,
+            steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr, warmup_steps=p.pretrain_steps // 20,
+            decay="cosine", log_every=max(1, p.pretrain_steps // 50), eval_every=p.pretrain_steps // 2, eval_batches=4,
+            ckpt_every=p.pretrain_steps // 2,
         ),
-        data=DataConfig(train="shards/pretrain", seq_len=320, options={"n_retrieved": 2}),
+        data=DataConfig(train="shards/pretrain", seq_len=p.seq_len, options={"n_retrieved": p.n_retrieved}),
     )
 
 
@@ -413,16 +423,18 @@ def paper_7b() -> RunConfig:
 @recipe("sft-quickstart")
 def sft_quickstart() -> RunConfig:
     """SFT of the quickstart model on the Shapes task mixture (about 3 minutes on 2 CPU cores)."""
+    p = _quickstart_preset()
     return RunConfig(
         name="sft-quickstart",
-        model="shapes",
+        model=p.model_preset,
         model_overrides=dict(_QUICKSTART_MODEL),
         init_from="pretrain",
         train=TrainConfig(
-            steps=200, batch_size=16, lr=1e-3, warmup_steps=10, decay="cosine", log_every=10,
-            eval_every=100, eval_batches=4, ckpt_every=100,
+            steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr, warmup_steps=p.sft_steps // 20, decay="cosine",
+            log_every=max(1, p.sft_steps // 20), eval_every=p.sft_steps // 2, eval_batches=4, ckpt_every=p.sft_steps // 2,
         ),
-        data=DataConfig(train="shards/sft", kind="sft", seq_len=320),
+        data=DataConfig(train="shards/sft", kind="sft", seq_len=p.seq_len,
+                        options={"target_infill_prob": p.sft_target_infill_prob}),
     )
 
 
