@@ -106,3 +106,14 @@ def test_a_stage_reruns_only_when_its_own_or_upstream_inputs_change(tmp_path):
     assert ran == ["pretrain", "eval_pretrained", "sft", "eval"]
     with pytest.raises(ValueError, match="have not run yet"):
         Stages(tmp_path, p).run("x", stage("x"), after=("nope",))
+
+
+def test_t2i_grid_shows_every_object_count():
+    """The report's grids share their 8 rows among the 1- and 2-object prompts."""
+    import numpy as np
+
+    from cm3leon.eval.harness import _grid_rows
+
+    assert _grid_rows(np.array([1] * 64 + [2] * 64), 8) == [0, 1, 2, 3, 64, 65, 66, 67]
+    assert _grid_rows(np.array([1, 1, 1]), 8) == [0, 1, 2]
+    assert _grid_rows(np.array([2, 1, 2, 1, 1, 1]), 4) == [0, 1, 2, 3]

@@ -87,6 +87,7 @@ FIELDS = {
 EXPECTED = [
     ("edit", 0, ["Edit first image following the instruction", f"IMG{IMG_B}", "make it blue", f"IMG{IMG_A}"]),
     ("write", 0, ['draw "morning"', f"IMG{IMG_A}"]),
+    ("text_to_image", 0, ["a red circle", f"IMG{IMG_A}"]),
     ("grounding", 0, ["Generate high quality image of a red circle with segmentations red circle at (10, 20) -> (40, 50)",
                       f"IMG{IMG_A}"]),
     ("edge_to_image", 0, ["Make high quality image from canny edge features", f"IMG{IMG_B}", "a red circle", f"IMG{IMG_A}"]),
@@ -249,7 +250,7 @@ def test_shapes_builder_covers_every_shapes_task(shapes_records: list) -> None:
     exs = shapes_sft_examples(shapes_records[0], random.Random(0))
     assert {e.task for e in exs} == {
         "caption", "detailed_caption", "narration", "grounding", "seg_to_image", "edge_to_image",
-        "depth_to_image", "vqa", "reasoning", "edit", "write",
+        "depth_to_image", "vqa", "reasoning", "edit", "write", "text_to_image",
     }
     rec = shapes_records[0]
     by = {e.task: e for e in exs}

@@ -236,7 +236,7 @@ class CM3Leon:
     ) -> list[GenerationResult]:
         """Text-to-image for a batch of prompts (paper §3), all decoded in one batch.
 
-        Each prompt becomes ``<eos> prompt <break>``; CFG mixes it with the unconditional
+        Each prompt becomes ``<eos> prompt <break>`` (the ``text_to_image`` template); CFG mixes it with the unconditional
         stream ``<eos> <mask:0> <break>``. ``cd_k`` switches to CD-K; ``mix`` draws half
         top-p+CFG and half CD-K (the paper's mix); ``retrieve`` prepends 0/1/2 retrieved
         documents to every stream; ``rerank`` orders each prompt's ``n`` samples by CLIP
@@ -257,7 +257,7 @@ class CM3Leon:
         conds, unconds = [], []
         for p, ids in zip(prompts, ret_ids):
             prefix = [t for i in ids for t in self.memory[i]]  # type: ignore[index]
-            query = [self.vocab.eos_id, *self.text_ids(p), self.vocab.break_id]
+            query, _ = render_prompt("text_to_image", {"caption": p}, self.text_tokenizer, self.vocab)
             conds.append(prefix + query)
             unconds.append(prefix + unconditional_prompt(query, self.vocab))
             self._check_fits(conds[-1], self.vocab.image_seq_len)

@@ -450,14 +450,24 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
             out["tasks"][name] = dataclasses.asdict(res)
         if ablations:
             quiet = dataclasses.replace(cfg, grid_dir=None, samples=p.ablation_samples)
+            done: dict[tuple[Any, ...], dict[str, float]] = {}
+
+            def ablate(guidance: float = cfg.guidance, retrieve: int = cfg.retrieve, mode: str = "top_p",
+                       rerank: bool = False) -> dict[str, float]:
+                key = (guidance, retrieve, mode, rerank)  # one run per distinct setting
+                if key not in done:
+                    done[key] = eval_t2i(pipe, t2i_records, quiet, guidance=guidance, retrieve=retrieve, mode=mode,
+                                         rerank=rerank).metrics
+                return done[key]
+
             ab: dict[str, Any] = {}
             for g in (1.0, 2.0, 3.0, 5.0):
-                ab[f"cfg_{g:g}"] = eval_t2i(pipe, t2i_records, quiet, guidance=g, rerank=False).metrics
+                ab[f"cfg_{g:g}"] = ablate(guidance=g)
             for k in (0, 1, 2):
-                ab[f"retrieve_{k}"] = eval_t2i(pipe, t2i_records, quiet, retrieve=k, rerank=False).metrics
+                ab[f"retrieve_{k}"] = ablate(retrieve=k)
             for mode in ("top_p", "cd_k", "mix"):
-                ab[f"sampling_{mode}"] = eval_t2i(pipe, t2i_records, quiet, mode=mode, rerank=True).metrics
-            ab["rerank_off"] = eval_t2i(pipe, t2i_records, quiet, rerank=False).metrics
+                ab[f"sampling_{mode}"] = ablate(mode=mode, rerank=True)
+            ab["rerank_off"] = ablate()
             ab["rerank_on"] = main.metrics
             out["ablations"] = ab
         (d / "metrics.json").write_text(json.dumps(out, indent=2, default=float))

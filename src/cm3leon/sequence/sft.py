@@ -153,6 +153,9 @@ TASKS: dict[str, TaskTemplate] = {
         _control("depth_to_image", "Depth-to-Image", "depth features"),
         _control("norm_to_image", "Norm-to-Image", "3D norm features"),
         _control("scribble_to_image", "Scribble-to-Image", "children's scribbles"),
+        # Plain text-to-image, the pretraining form (paper Fig. 5: SFT also trains text-to-image);
+        # without it SFT teaches "an image follows a condition" only and text-to-image degrades.
+        _task("text_to_image", "Shutterstock (pretraining form)", ["{caption}", "<image:image>"], target="image"),
         # ---- text-focused: the target is text before the image (CM3 infilling)
         _task("caption", "COCO / Flickr30k",
               ["{caption}", "<image:image>"],
@@ -354,7 +357,7 @@ def _shapes_narration(objects: Sequence[Mapping[str, Any]]) -> str:
 
 # Shapes' task names (meta["tasks"]) -> SFT tasks built from them.
 SHAPES_TASKS: dict[str, tuple[str, ...]] = {
-    "caption": ("caption",),
+    "caption": ("caption", "text_to_image"),
     "detailed_caption": ("detailed_caption", "narration"),
     "grounding": ("grounding",),
     "segmentation": ("seg_to_image",),
@@ -381,6 +384,8 @@ def shapes_sft_examples(record: Any, rng: random.Random) -> list[SFTExample]:
         for task in SHAPES_TASKS.get(tag, ()):
             if task == "caption":
                 add(task, caption=meta["captions"]["short"], image=record.image)
+            elif task == "text_to_image":
+                add(task, caption=meta["captions"]["detailed"], image=record.image)
             elif task == "detailed_caption":
                 add(task, caption=meta["captions"]["detailed"], image=record.image)
             elif task == "narration":
