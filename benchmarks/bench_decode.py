@@ -120,6 +120,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="shapes", help="model preset shape (tiny, shapes, 350m, ...)")
+    ap.add_argument("--shape", default=None, metavar="D,LAYERS,HEADS",
+                    help="override the preset's d_model, n_layers, n_heads (the quickstart model: 128,4,4)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per batch (cpu 8, cuda 16)")
     ap.add_argument("--image-tokens", type=int, default=None, help="L (cpu 64, cuda 1024)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -140,7 +142,11 @@ def main() -> None:
     baselines = [b for b in baselines if b]
     vocab = Vocab.paper() if args.preset in ("350m", "760m", "7b") else Vocab(1000, 512, L)
     vocab = Vocab(vocab.text_size, vocab.image_size, L)
-    mcfg = ModelConfig.from_name(args.preset, vocab_size=vocab.size)
+    shape = {}
+    if args.shape:
+        d, layers, heads = (int(x) for x in args.shape.split(","))
+        shape = {"d_model": d, "n_layers": layers, "n_heads": heads}
+    mcfg = ModelConfig.from_name(args.preset, vocab_size=vocab.size, **shape)
     torch.manual_seed(0)
     model = Transformer(mcfg)
     with torch.no_grad():
@@ -169,7 +175,8 @@ def main() -> None:
         hf_attn = hf_run.attn_implementation
 
     result: dict[str, object] = {
-        "bench": "decode", "device": str(device), "preset": args.preset, "dtype": str(dtype).split(".")[-1],
+        "bench": "decode", "device": str(device), "preset": args.preset, "shape": args.shape,
+        "dtype": str(dtype).split(".")[-1],
         "prompts": n_prompts, "image_tokens": L, "streams": 2 * n_prompts, "cfg": cfg.guidance,
         "params": model.num_params(), "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "load_avg_1m_start": round(os.getloadavg()[0], 2),

@@ -65,6 +65,9 @@ class QuickstartPreset:
     # Share of SFT examples trained in their inference layout (the answer/output as the one
     # CM3 span); the rest get random CM3 spans as in pretraining (SFTDataset).
     sft_target_infill_prob: float = 0.5
+    # Relative target shares of the SFT tasks (None: equal), turned into sampling weights
+    # with the paper's up/down thresholds (3 / 0.3; SFTDataset prints the table).
+    sft_shares: dict[str, float] | None = None
     eval_n: int = 64
     eval_samples: int = 4
     # Nucleus cut for evaluation sampling. With a dominant background code a 0.9 cut removes
@@ -79,6 +82,15 @@ class QuickstartPreset:
     ablations: bool = True
     device: str = "auto"
 
+
+# SFT shares after the paper's mixture (Table 5 sizes): VQA (VQA2 1.3M + VizWiz + OKVQA) far
+# above ScienceQA-style reasoning (6k) and Image Paragraph-style detailed captions (14k). With
+# equal shares the Shapes model answers VQA questions with reasoning text ("The image shows").
+SHAPES_SFT_SHARES: dict[str, float] = {
+    "vqa": 3.0, "caption": 2.0, "edit": 1.5, "text_to_image": 1.0, "edge_to_image": 1.0, "seg_to_image": 1.0,
+    "depth_to_image": 1.0, "grounding": 1.0, "write": 0.5, "narration": 0.5, "detailed_caption": 0.5,
+    "reasoning": 0.3,
+}
 
 PRESETS: dict[str, QuickstartPreset] = {
     "smoke": QuickstartPreset(
@@ -96,7 +108,7 @@ PRESETS: dict[str, QuickstartPreset] = {
         # sees more tokens wins.
         model_overrides={"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 320, "image_axial": True},
         seq_len=320, n_retrieved=2, pretrain_steps=1200, sft_steps=320, sft_records=1500,
-        sft_target_infill_prob=0.8,
+        sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
@@ -393,7 +405,8 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
         from cm3leon.train.loop import train
 
         vocab = Shards(shards["sft"]).vocab
-        data = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=0, target_infill_prob=p.sft_target_infill_prob)
+        data = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=0, target_infill_prob=p.sft_target_infill_prob,
+                          target_shares=p.sft_shares)
         print(data.table(), flush=True)
         cfg = TrainConfig(steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr,
                           warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
@@ -505,7 +518,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
     ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=p.ablations,
                                                    tasks=("t2i", "caption", "vqa")),
                     (*eval_fields, "ablations", "ablation_samples"), after=("model_pretrained",))
-    sft = st.run("sft", _stage_sft(p, shards, pre), ("sft_steps", "sft_batch", "sft_lr", "sft_target_infill_prob"),
+    sft = st.run("sft", _stage_sft(p, shards, pre), ("sft_steps", "sft_batch", "sft_lr", "sft_target_infill_prob", "sft_shares"),
                  after=("pretrain",))
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft), after=("sft",))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")

@@ -434,7 +434,7 @@ def sft_quickstart() -> RunConfig:
             log_every=max(1, p.sft_steps // 20), eval_every=p.sft_steps // 2, eval_batches=4, ckpt_every=p.sft_steps // 2,
         ),
         data=DataConfig(train="shards/sft", kind="sft", seq_len=p.seq_len,
-                        options={"target_infill_prob": p.sft_target_infill_prob}),
+                        options={"target_infill_prob": p.sft_target_infill_prob, "target_shares": p.sft_shares}),
     )
 
 
