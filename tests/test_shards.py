@@ -232,6 +232,6 @@ def test_tokenize_cli_plain_with_neighbors_and_sft(toolkit: dict[str, Path], cap
         _run_cli([*common, "--out", str(root / "cli2"), "--index", str(root)])
     assert _run_cli([*common, "--out", str(root / "sft"), "--sft", "--limit", "2"]) == 0
     sft = Shards(root / "sft")
-    assert len(sft) == 2 * 11 and len(sft.task_names) == 11
+    assert len(sft) == 2 * 12 and len(sft.task_names) == 12
     assert all(sft.target(i) is not None for i in range(len(sft)))
     assert "vqa" in capsys.readouterr().out

@@ -102,12 +102,12 @@ PRESETS: dict[str, QuickstartPreset] = {
     "default": QuickstartPreset(
         # seq 320: two retrieved documents + a detailed caption + 64 image tokens fit, in
         # training and at inference (the retrieval ablation decodes with 0, 1 and 2).
-        name="default", n_train=16000, n_val=256, vq_steps=1400, encoder_steps=150,
-        # d128 x 4 layers for 1200 steps beats d192 for 700 steps in the same minutes (held-out
+        name="default", n_train=16000, n_val=256, vq_steps=1200, encoder_steps=120,
+        # d128 x 4 layers for ~1200 steps beats d192 for 700 steps in the same minutes (held-out
         # image loss 0.35 vs 0.47, docs/training.md): at this compute a smaller model that
         # sees more tokens wins.
         model_overrides={"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 320, "image_axial": True},
-        seq_len=320, n_retrieved=2, pretrain_steps=1200, sft_steps=320, sft_records=1500,
+        seq_len=320, n_retrieved=2, pretrain_steps=1150, sft_steps=280, sft_records=1200,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
     ),
     "gpu": QuickstartPreset(
