@@ -52,6 +52,23 @@ def test_rerun_reuses_stages(run):
     assert again["stage_seconds"] == report["stage_seconds"]  # every stage reused, none re-run
 
 
+def test_eval_cli_on_the_quickstart_model(run, tmp_path, capsys):
+    """`cm3leon eval` as the docs show it, on the smoke run's models; bad sampling knobs are named."""
+    from cm3leon.cli import main
+
+    out, _ = run
+    js = tmp_path / "m.json"
+    argv = ["eval", "--model", str(out / "model_pretrained"), "--data", str(out / "data" / "val"), "--task", "t2i",
+            "--task", "caption", "--n", "2", "--samples", "2", "--retrieve", "2", "--temperature", "0.5",
+            "--top-p", "1.0", "--json", str(js)]
+    assert main(argv) == 0
+    got = json.loads(js.read_text())
+    assert set(got) == {"t2i", "caption"}
+    assert 0.0 <= got["t2i"]["metrics"]["judge_all_correct"] <= 1.0
+    assert main([*argv[:-2], "--temperature", "0"]) != 0
+    assert "--temperature > 0" in capsys.readouterr().err
+
+
 def test_presets_and_errors():
     assert {"smoke", "default", "gpu"} <= set(PRESETS)
     with pytest.raises(ValueError, match="unknown quickstart preset"):

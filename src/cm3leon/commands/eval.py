@@ -24,7 +24,10 @@ def register(sub: Any) -> None:
     p.add_argument("--n", type=int, default=64, help="records per task (default 64)")
     p.add_argument("--samples", type=int, default=4, help="images per text-to-image prompt (default 4)")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--retrieve", type=int, default=0, choices=[0, 1, 2])
+    p.add_argument("--retrieve", type=int, default=0, choices=[0, 1, 2],
+                   help="retrieved documents in front of each text-to-image prompt (the quickstart uses 2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the quickstart uses 0.5)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus cut (the quickstart uses 1.0)")
     p.add_argument("--no-rerank", action="store_true")
     p.add_argument("--grids", default=None, help="write sample grids (PNG) into this directory")
     p.add_argument("--json", default=None, help="write metrics here")
@@ -45,8 +48,10 @@ def _run(args: argparse.Namespace) -> int:
     if not records or "objects" not in records[0].meta:
         raise ValueError(f"{args.data} is not a Shapes dataset; the harness needs Shapes annotations")
     pipe = CM3Leon.from_pretrained(args.model, device=args.device)
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        raise ValueError(f"need --temperature > 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     cfg = EvalConfig(n=args.n, samples=args.samples, guidance=args.guidance, retrieve=args.retrieve,
-                     rerank=not args.no_rerank, grid_dir=args.grids)
+                     temperature=args.temperature, top_p=args.top_p, rerank=not args.no_rerank, grid_dir=args.grids)
     results = run_eval(pipe, records, args.task or list(TASKS), cfg)
     out = {t: dataclasses.asdict(r) for t, r in results.items()}
     for t, r in results.items():

@@ -38,7 +38,7 @@ class EvalConfig:
     n: int = 64  # records (prompts) per task
     samples: int = 4  # images per text-to-image prompt (re-ranked when rerank)
     guidance: float = 3.0
-    temperature: float = 1.0
+    temperature: float = 1.0  # every image-generating task samples with these two
     top_p: float = 0.9
     cd_k: int = 8
     rerank: bool = True
@@ -198,7 +198,8 @@ def eval_edit(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> T
     t0 = time.perf_counter()
     outs: list[Image.Image] = []
     for chunk in _chunks(records, cfg.batch_size):
-        res = pipe.edits([r.image for r in chunk], [r.meta["edit"]["instruction"] for r in chunk], seed=cfg.seed)
+        res = pipe.edits([r.image for r in chunk], [r.meta["edit"]["instruction"] for r in chunk],
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
         outs.extend(x[0] for x in res)
     verdicts = [judge(o, _objects(r.meta["edit"]["objects"]), check=T2I_CHECKS) for o, r in zip(outs, records)]
     m = {"edit_accuracy": float(np.mean([v.all_correct for v in verdicts])),
@@ -223,7 +224,8 @@ def eval_control(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig,
         outs: list[Image.Image] = []
         for chunk in _chunks(records, cfg.batch_size):
             res = pipe.controls(kind, [r.meta["images"][kind] for r in chunk],
-                                [r.meta["captions"]["short"] for r in chunk], guidance=cfg.guidance, seed=cfg.seed)
+                                [r.meta["captions"]["short"] for r in chunk], guidance=cfg.guidance,
+                                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
             outs.extend(x[0] for x in res)
         ok = [judge(o, _objects(r.meta["objects"]), check=T2I_CHECKS).all_correct for o, r in zip(outs, records)]
         m[f"{kind}_to_image_accuracy"] = float(np.mean(ok))
@@ -239,7 +241,8 @@ def eval_ground(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) ->
     for chunk in _chunks(records, cfg.batch_size):
         objs = [[(f"{o['color']} {o['shape']}", o["box"]) for o in sorted(r.meta["objects"], key=lambda o: o["z"])]
                 for r in chunk]
-        res = pipe.grounds([r.meta["captions"]["short"] for r in chunk], objs, guidance=cfg.guidance, seed=cfg.seed)
+        res = pipe.grounds([r.meta["captions"]["short"] for r in chunk], objs, guidance=cfg.guidance,
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
         outs.extend(x[0] for x in res)
     ious, ok = [], []
     for o, r in zip(outs, records):
