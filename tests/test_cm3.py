@@ -239,3 +239,6 @@ def test_image_places_tolerate_a_cut_tail() -> None:
     a, b, c, d = V.codes_to_ids([0, 1, 2, 3])
     row = [V.eos_id, V.break_id, a, V.mask_id(0), d, V.mask_id(1)]
     assert image_places(row, V) == [-1, -1, 0, -1, 1, -1]
+    # a row that starts inside a tail: the orphan span's image tokens get the ids' places, not -1
+    full = [V.eos_id, V.break_id, a, V.mask_id(0), d, V.infill_id, b, c]
+    assert image_places(full[5:], V) == [-1, 0, 1]

@@ -70,7 +70,15 @@ def test_eval_cli_on_the_quickstart_model(run, tmp_path, capsys):
 
 
 def test_presets_and_errors():
+    from cm3leon.quickstart import _model_config
+    from cm3leon.vocab import Vocab
+
     assert {"smoke", "default", "gpu"} <= set(PRESETS)
+    v = Vocab(text_size=512, image_size=512, image_seq_len=64)
+    on = _model_config(get_preset("default"), v)
+    assert on.image_tokens == 64 and on.image_axial
+    off = _model_config(get_preset("default", image_pos_emb=False), v)  # axial needs the place embedding
+    assert off.image_tokens == 0 and not off.image_axial
     with pytest.raises(ValueError, match="unknown quickstart preset"):
         get_preset("huge")
 

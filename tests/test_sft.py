@@ -226,6 +226,9 @@ def test_mixture_target_shares_and_errors() -> None:
     assert w == pytest.approx({"a": 1.5, "b": 0.5})
     with pytest.raises(ValueError, match="no examples"):
         mixture_weights({"a": 1}, {"zzz": 1.0})
+    # one share table for data sets that lack some tasks (the sft-quickstart recipe)
+    assert mixture_weights({"a": 100, "b": 100}, {"a": 3, "b": 1, "zzz": 5}, ignore_absent=True) == pytest.approx(
+        {"a": 1.5, "b": 0.5})
 
 
 # ---- builders + tokenizing + dataset ---------------------------------------------------------
@@ -345,12 +348,13 @@ def test_user_data_readers(tmp_path: Path) -> None:
         list(read_sft_jsonl(tmp_path / "bad.jsonl"))
 
 
-def test_coco_style_records_become_captioning() -> None:
+def test_coco_style_records_become_captioning_and_text_to_image() -> None:
     from cm3leon.data.records import DocRecord
 
     rec = DocRecord(id="1", text="a dog on a beach", image=Image.new("RGB", (8, 8)))
-    (ex,) = record_sft_examples(rec, random.Random(0))
+    ex, t2i = record_sft_examples(rec, random.Random(0))
     assert isinstance(ex, SFTExample) and ex.task == "caption" and ex.fields["caption"] == "a dog on a beach"
+    assert t2i.task == "text_to_image" and t2i.fields == ex.fields
     assert record_sft_examples(DocRecord(id="2", text="only text"), random.Random(0)) == []
 
 

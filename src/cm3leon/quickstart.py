@@ -55,7 +55,7 @@ class QuickstartPreset:
     seq_len: int = 384
     n_retrieved: int = 3
     detailed_caption_prob: float = 0.7
-    sft_records: int = 4000  # Shapes records the SFT examples are built from (each gives ~11 tasks)
+    sft_records: int = 4000  # Shapes records the SFT examples are built from (each gives 12 tasks)
     pretrain_steps: int = 1000
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
@@ -127,6 +127,11 @@ def get_preset(name: str, **overrides: Any) -> QuickstartPreset:
 
 
 # ---- stage bookkeeping -------------------------------------------------------------------
+# Part of every stage's key: bump it when a code change makes earlier outputs stale under
+# unchanged preset fields (3: SFT shards gained text_to_image, rows carry true image places).
+STAGE_FORMAT = 3
+
+
 class Stages:
     """Runs named stages once: a finished stage leaves ``stage.json`` and is reused."""
 
@@ -153,7 +158,7 @@ class Stages:
         for src in (*(self._fields[a] for a in after), fields):
             names += [f for f in src if f not in names]
         self._fields[name] = names
-        key = {f: getattr(self.preset, f) for f in names}
+        key = {"format": STAGE_FORMAT, **{f: getattr(self.preset, f) for f in names}}
         d = self.out / name
         marker = d / "stage.json"
         if marker.exists() and not self.force:
@@ -367,8 +372,12 @@ def _device(p: QuickstartPreset) -> str:
 def _model_config(p: QuickstartPreset, vocab: Any) -> Any:
     from cm3leon.config import ModelConfig
 
-    extra = dict(image_tokens=vocab.image_seq_len, image_vocab=vocab.image_size) if p.image_pos_emb else {}
-    return ModelConfig.from_name(p.model_preset, vocab_size=vocab.size, **extra, **p.model_overrides)
+    over = dict(p.model_overrides)
+    if p.image_pos_emb:
+        over.update(image_tokens=vocab.image_seq_len, image_vocab=vocab.image_size)
+    else:
+        over.pop("image_axial", None)  # row/column embeddings sit on top of the place-in-image one
+    return ModelConfig.from_name(p.model_preset, vocab_size=vocab.size, **over)
 
 
 def _interrupted(d: Path) -> bool:
@@ -412,7 +421,8 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
                           warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
                           eval_batches=4, device=_device(p))
-        val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1)
+        val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1, target_infill_prob=p.sft_target_infill_prob,
+                         target_shares=p.sft_shares)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
                     resume=_interrupted(d))
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},

@@ -44,12 +44,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        raise ValueError(f"need --temperature > 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     records = list(Dataset(args.data))
     if not records or "objects" not in records[0].meta:
         raise ValueError(f"{args.data} is not a Shapes dataset; the harness needs Shapes annotations")
     pipe = CM3Leon.from_pretrained(args.model, device=args.device)
-    if not (args.temperature > 0 and 0 < args.top_p <= 1):
-        raise ValueError(f"need --temperature > 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     cfg = EvalConfig(n=args.n, samples=args.samples, guidance=args.guidance, retrieve=args.retrieve,
                      temperature=args.temperature, top_p=args.top_p, rerank=not args.no_rerank, grid_dir=args.grids)
     results = run_eval(pipe, records, args.task or list(TASKS), cfg)

@@ -287,7 +287,9 @@ def image_places(ids: Sequence[int], vocab: Vocab) -> list[int]:
     continues at the place after the span, and the span in the tail keeps its own places.
     Models with a place-in-image embedding (``ModelConfig.image_tokens``) read these during
     training; computed from the ids alone the places would restart at 0 after every mask.
-    A malformed tail (a ``<mask:i>`` without its span) is read as far as it goes.
+    A malformed row is read as far as it goes: a ``<mask:i>`` without its span is skipped,
+    and image tokens of a span no mask refers to (a row cut inside a document) get the
+    places the ids alone give (as :func:`~cm3leon.model.transformer.image_index`).
     """
     ids = list(ids)
     out = [-1] * len(ids)
@@ -318,4 +320,9 @@ def image_places(ids: Sequence[int], vocab: Vocab) -> list[int]:
                 run += 1
             else:
                 run = 0
+    run = 0
+    for t, i in enumerate(ids):  # unreferenced spans: places from the ids
+        run = run + 1 if i >= first_img else 0
+        if i >= first_img and out[t] < 0:
+            out[t] = (run - 1) % L
     return out

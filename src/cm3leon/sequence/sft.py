@@ -415,11 +415,14 @@ def shapes_sft_examples(record: Any, rng: random.Random) -> list[SFTExample]:
 
 
 def record_sft_examples(record: Any, rng: random.Random) -> list[SFTExample]:
-    """SFT examples of any record: every task of a Shapes record, captioning for caption+image."""
+    """SFT examples of any record: every task of a Shapes record; captioning and text-to-image
+    (the pretraining form, which keeps SFT from eroding text-to-image) for caption+image."""
     if record.meta.get("source") == "shapes":
         return shapes_sft_examples(record, rng)
     if record.image is not None and record.text:
-        return [SFTExample("caption", {"caption": record.text, "image": record.image}, _pick_variant("caption", rng))]
+        fields = {"caption": record.text, "image": record.image}
+        return [SFTExample("caption", fields, _pick_variant("caption", rng)),
+                SFTExample("text_to_image", dict(fields), _pick_variant("text_to_image", rng))]
     return []
 
 
@@ -557,10 +560,13 @@ def mixture_weights(
     *,
     up: float = UP_THRESHOLD,
     down: float = DOWN_THRESHOLD,
+    ignore_absent: bool = False,
 ) -> dict[str, float]:
     """Per-task sampling weight ``clip(target_share / natural_share, down, up)`` (App. E.1).
 
-    ``target_shares`` default to equal shares over the tasks present.
+    ``target_shares`` default to equal shares over the tasks present. A share naming a
+    task with no examples is an error, or (``ignore_absent``) logged and dropped, so one
+    share table can serve data sets that lack some tasks.
     """
     if not 0 < down <= 1 <= up:
         raise ValueError(f"need 0 < down <= 1 <= up, got down={down}, up={up}")
@@ -568,9 +574,11 @@ def mixture_weights(
     if not present:
         return {}
     shares = dict(target_shares) if target_shares is not None else {t: 1.0 for t in present}
-    unknown = set(shares) - set(counts)
-    if unknown:
+    unknown = set(shares) - set(present)
+    if unknown and not ignore_absent:
         raise ValueError(f"target shares name tasks with no examples: {sorted(unknown)}")
+    if unknown:
+        log.warning("target shares for tasks with no examples are ignored: %s", sorted(unknown))
     total_share = sum(shares.get(t, 0.0) for t in present)
     if total_share <= 0:
         raise ValueError("target shares must be positive for at least one present task")
@@ -622,6 +630,7 @@ class SFTDataset(torch.utils.data.Dataset):
         weights: Mapping[str, float] | None = None,
         up: float = UP_THRESHOLD,
         down: float = DOWN_THRESHOLD,
+        ignore_absent_shares: bool = False,
         pack: bool = True,
         max_fill_tries: int = 4,
     ) -> None:
@@ -642,7 +651,8 @@ class SFTDataset(torch.utils.data.Dataset):
         by_task["untagged"] = np.flatnonzero(tags < 0)
         by_task = {t: v for t, v in by_task.items() if len(v)}
         self.counts = {t: len(v) for t, v in by_task.items()}
-        self.weights = dict(weights) if weights is not None else mixture_weights(self.counts, target_shares, up=up, down=down)
+        self.weights = dict(weights) if weights is not None else mixture_weights(
+            self.counts, target_shares, up=up, down=down, ignore_absent=ignore_absent_shares)
         rng = np.random.default_rng(seed)
         parts = []
         for t in sorted(by_task):

@@ -348,9 +348,10 @@ def _quickstart_preset() -> Any:
     return PRESETS["default"]
 
 
-# The quickstart model: its shape from the `default` preset; 64 tokens per image and 512
-# codes are what the `shapes-32` image tokenizer gives (the quickstart reads them from data).
-_QUICKSTART_MODEL = {**_quickstart_preset().model_overrides, "image_tokens": 64, "image_vocab": 512}
+def _quickstart_model() -> dict[str, Any]:
+    """The quickstart model: its shape from the `default` preset; 64 tokens per image and 512
+    codes are what the `shapes-32` image tokenizer gives (the quickstart reads them from data)."""
+    return {**_quickstart_preset().model_overrides, "image_tokens": 64, "image_vocab": 512}
 
 
 @recipe("quickstart")
@@ -362,7 +363,7 @@ def quickstart() -> RunConfig:
     return RunConfig(
         name="quickstart",
         model=p.model_preset,
-        model_overrides=dict(_QUICKSTART_MODEL),
+        model_overrides=_quickstart_model(),
         train=TrainConfig(
             steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr, warmup_steps=p.pretrain_steps // 20,
             decay="cosine", log_every=max(1, p.pretrain_steps // 50), eval_every=p.pretrain_steps // 2, eval_batches=4,
@@ -427,14 +428,15 @@ def sft_quickstart() -> RunConfig:
     return RunConfig(
         name="sft-quickstart",
         model=p.model_preset,
-        model_overrides=dict(_QUICKSTART_MODEL),
+        model_overrides=_quickstart_model(),
         init_from="pretrain",
         train=TrainConfig(
             steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr, warmup_steps=p.sft_steps // 20, decay="cosine",
             log_every=max(1, p.sft_steps // 20), eval_every=p.sft_steps // 2, eval_batches=4, ckpt_every=p.sft_steps // 2,
         ),
         data=DataConfig(train="shards/sft", kind="sft", seq_len=p.seq_len,
-                        options={"target_infill_prob": p.sft_target_infill_prob, "target_shares": p.sft_shares}),
+                        options={"target_infill_prob": p.sft_target_infill_prob, "target_shares": p.sft_shares,
+                                 "ignore_absent_shares": True}),
     )
 
 
