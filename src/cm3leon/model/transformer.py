@@ -231,7 +231,7 @@ class Transformer(nn.Module):
         attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
         if image_idx is not None and image_idx.shape != ids.shape:
             raise ValueError(f"image_idx shape {tuple(image_idx.shape)} must equal ids shape {tuple(ids.shape)}")
-        x = self.embed(ids, positions, image_idx if self.cfg.image_tokens else None)  # (B, T, C)
+        x = self.embed(ids, positions, image_idx)  # (B, T, C); image_idx is unused without image_tokens
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)

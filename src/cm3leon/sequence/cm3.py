@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cm3leon.sequence.document import split_documents
@@ -294,6 +294,18 @@ def image_places(ids: Sequence[int], vocab: Vocab) -> list[int]:
     ids = list(ids)
     out = [-1] * len(ids)
     first_img, L, eos, infill = vocab.image_offset, vocab.image_seq_len, vocab.eos_id, vocab.infill_id
+
+    def count_runs(positions: Iterable[int]) -> None:
+        """Number the image ids along ``positions``: runs of image ids count up from 0."""
+        run = 0
+        for t in positions:
+            if ids[t] >= first_img:
+                out[t] = run % L
+                run += 1
+            else:
+                run = 0
+
+    count_runs(range(len(ids)))  # the ids' own places; kept where no document order applies
     starts = [i for i, t in enumerate(ids) if t == eos]
     if not starts or starts[0] != 0:
         starts = [0, *starts]
@@ -313,16 +325,5 @@ def image_places(ids: Sequence[int], vocab: Vocab) -> list[int]:
                 order.extend(spans[k] if k < len(spans) else ())
             else:
                 order.append(j)
-        run = 0
-        for j in order:
-            if doc[j] >= first_img:
-                out[s + j] = run % L
-                run += 1
-            else:
-                run = 0
-    run = 0
-    for t, i in enumerate(ids):  # unreferenced spans: places from the ids
-        run = run + 1 if i >= first_img else 0
-        if i >= first_img and out[t] < 0:
-            out[t] = (run - 1) % L
+        count_runs(s + j for j in order)
     return out
