@@ -230,3 +230,45 @@ def test_approximate_index_scores_are_rescored_exactly():
     assert (np.diff(out.scores, axis=1) <= 1e-6).all()
     approx, _ = bank.index.search(q, 4)
     assert np.abs(approx - out.scores).max() > 1e-3  # the index alone would have reported other numbers
+
+
+def _reference_select(cand_ids, cand_scores, cand_emb, cand_multi, *, k, cfg, query_id, avoid_emb, picked_ids):
+    """The policy as a plain candidate-by-candidate loop (what select_candidates vectorises)."""
+    order = [j for j in range(len(cand_ids)) if cand_ids[j] >= 0 and not (cfg.exclude_self and cand_ids[j] == query_id)
+             and cand_scores[j] <= cfg.max_relevance]
+    order = [j for j in order if cand_multi[j]] + [j for j in order if not cand_multi[j]]
+    kept, seen, picked, dups = list(avoid_emb), set(picked_ids), [], 0
+    for j in order:
+        if len(picked) == k:
+            break
+        if int(cand_ids[j]) in seen or any(float(v @ cand_emb[j]) > cfg.dedup_threshold for v in kept):
+            dups += 1
+            continue
+        picked.append(j)
+        seen.add(int(cand_ids[j]))
+        kept.append(cand_emb[j])
+    return picked, dups
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_candidates_matches_a_plain_loop(seed):
+    from cm3leon.retrieval.retriever import PolicyStats, select_candidates
+
+    rng = np.random.default_rng(seed)
+    n, dim = 60, 8
+    base = rng.normal(size=(6, dim))  # few directions + noise: many near-duplicates, as in Shapes
+    emb = base[rng.integers(0, 6, n)] + 0.05 * rng.normal(size=(n, dim))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    ids = rng.integers(-1, 40, n)  # repeats and missing (-1) candidates
+    scores = np.sort(rng.uniform(0.3, 1.0, n))[::-1].astype(np.float32)
+    multi = rng.random(n) < 0.7
+    avoid = emb[rng.integers(0, n, 2)] if seed % 2 else np.zeros((0, dim), np.float32)
+    picked_ids = {int(i) for i in rng.integers(0, 40, 3)}
+    cfg = RetrieverConfig(k_text=5, k_image=0, dedup_threshold=0.97)
+    stats = PolicyStats()
+    got = select_candidates(ids, scores, emb, multi, k=5, cfg=cfg, query_id=int(ids[3]),
+                            avoid_emb=avoid if len(avoid) else None, picked_ids=picked_ids, stats=stats)
+    want, dups = _reference_select(ids, scores, emb, multi, k=5, cfg=cfg, query_id=int(ids[3]), avoid_emb=avoid,
+                                   picked_ids=picked_ids)
+    assert got == want
+    assert stats.dropped_duplicate == dups

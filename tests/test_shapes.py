@@ -30,6 +30,7 @@ from cm3leon.data.shapes import (
     iter_examples,
     make_example,
     parse_caption,
+    reading_order,
     render,
     render_word,
     sample_scene,
@@ -82,6 +83,8 @@ def test_config_validation():
         ShapesConfig(size=48)
     with pytest.raises(ValueError, match="max_objects"):
         ShapesConfig(min_objects=3, max_objects=2)
+    with pytest.raises(ValueError, match="caption_order"):
+        ShapesConfig(caption_order="random")
     assert ShapesConfig(size=32).side("small") == 9 and ShapesConfig(size=32).side("large") == 15
 
 
@@ -213,6 +216,27 @@ def test_captions_round_trip_through_the_parser(examples):
         short = parse_caption(rec.text)
         assert Counter((s.color, s.shape) for s in short) == Counter((s.color, s.shape) for s in truth)
         assert all(s.size is None and s.position is None for s in short)
+
+
+def test_reading_order_captions_list_objects_top_to_bottom_then_left_to_right():
+    cfg = ShapesConfig(max_objects=3, caption_order="reading")
+    rank = {"top": 0, "center": 1, "bottom": 2}
+    seen_multi = 0
+    for seed in range(60):
+        rec = make_example(seed, cfg)
+        z_rec = make_example(seed, ShapesConfig(max_objects=3))
+        assert rec.meta["objects"] == z_rec.meta["objects"]  # same scene, only the caption order differs
+        said = parse_caption(rec.meta["captions"]["detailed"])
+        assert sorted((s.shape, s.color, s.position) for s in said) == \
+            sorted((o["shape"], o["color"], o["position"]) for o in rec.meta["objects"])
+        keys = [(rank[next((w for w in ("top", "bottom") if w in s.position), "center")],
+                 0 if "left" in s.position else 2 if "right" in s.position else 1) for s in said]
+        assert keys == sorted(keys)
+        seen_multi += len(said) > 1
+    assert seen_multi > 20
+    specs = [ObjectSpec("circle", "red", "small", "bottom right"), ObjectSpec("square", "blue", "large", "top"),
+             ObjectSpec("triangle", "green", "small", "left"), ObjectSpec("diamond", "red", "small", "top left")]
+    assert [s.shape for s in reading_order(specs)] == ["diamond", "square", "triangle", "circle"]
 
 
 def test_parse_caption_tolerates_variants():

@@ -160,22 +160,27 @@ def select_candidates(
         multi = order[cand_multimodal[order]]
         rest = order[~cand_multimodal[order]] if cfg.allow_unimodal else order[:0]
         order = np.concatenate([multi, rest])
+    # Greedy in relevance order, vectorised: ``near`` tracks each candidate's highest cosine
+    # with the query document and the picks so far, updated once per pick.
+    emb = np.asarray(cand_emb, np.float32)[order]
+    ids = cand_ids[order]
+    near = np.full(len(order), -np.inf, np.float32)
+    if avoid_emb is not None and len(avoid_emb):
+        near = (emb @ np.asarray(avoid_emb, np.float32).reshape(-1, emb.shape[1]).T).max(axis=1)
+    dup = np.isin(ids, np.fromiter(picked_ids, np.int64)) if picked_ids else np.zeros(len(order), bool)
     picked: list[int] = []
-    kept = [] if avoid_emb is None else list(np.asarray(avoid_emb, np.float32).reshape(-1, cand_emb.shape[1]))
-    seen: set[int] = set(picked_ids or ())
-    for j in order:
-        if len(picked) == k:
+    start = 0
+    while len(picked) < k and start < len(order):
+        ok = ~dup[start:] & (near[start:] <= cfg.dedup_threshold)
+        if not ok.any():
+            stats.dropped_duplicate += len(order) - start
             break
-        cid = int(cand_ids[j])
-        if cid in seen:  # the same document reached twice counts as a duplicate
-            stats.dropped_duplicate += 1
-            continue
-        if kept and float(np.max(np.stack(kept) @ cand_emb[j])) > cfg.dedup_threshold:
-            stats.dropped_duplicate += 1
-            continue
-        picked.append(int(j))
-        seen.add(cid)
-        kept.append(cand_emb[j])
+        j = start + int(np.argmax(ok))
+        stats.dropped_duplicate += j - start  # examined and skipped before this pick
+        picked.append(int(order[j]))
+        near = np.maximum(near, emb @ emb[j])
+        dup |= ids == ids[j]
+        start = j + 1
     return picked
 
 
