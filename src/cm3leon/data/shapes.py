@@ -429,11 +429,7 @@ def describe_object(obj: ObjectSpec | ShapeObject, canvas: int | None = None, *,
 
 def reading_order(specs: Sequence[ObjectSpec]) -> list[ObjectSpec]:
     """``specs`` sorted top to bottom, then left to right, by named position (stable)."""
-    def key(s: ObjectSpec) -> tuple[int, int]:
-        p = s.position or "center"
-        return (0 if "top" in p else 2 if "bottom" in p else 1, 0 if "left" in p else 2 if "right" in p else 1)
-
-    return sorted(specs, key=key)
+    return sorted(specs, key=lambda s: POSITIONS.index(s.position or "center"))  # POSITIONS is in reading order
 
 
 def describe(scene: Scene | Sequence[ObjectSpec], detailed: bool = False) -> str:
