@@ -227,6 +227,7 @@ class CM3Leon:
         top_p: float = 0.9,
         top_k: int | None = None,
         cd_k: int | None = None,
+        cd_alpha: float = 0.1,
         mix: bool = False,
         retrieve: int = 0,
         rerank: bool = False,
@@ -237,7 +238,7 @@ class CM3Leon:
         """Text-to-image for a batch of prompts (paper §3), all decoded in one batch.
 
         Each prompt becomes ``<eos> prompt <break>`` (the ``text_to_image`` template); CFG mixes it with the unconditional
-        stream ``<eos> <mask:0> <break>``. ``cd_k`` switches to CD-K; ``mix`` draws half
+        stream ``<eos> <mask:0> <break>``. ``cd_k`` switches to CD-K (``cd_alpha`` its alpha); ``mix`` draws half
         top-p+CFG and half CD-K (the paper's mix); ``retrieve`` prepends 0/1/2 retrieved
         documents to every stream; ``rerank`` orders each prompt's ``n`` samples by CLIP
         score with the retrieval encoder (best first). ``callback(n_done, codes)`` sees the
@@ -252,7 +253,8 @@ class CM3Leon:
             raise ValueError(f"retrieve must be 0, 1 or 2 documents (paper §3.2), got {retrieve}")
         if rerank and self.encoder is None:
             raise ValueError("rerank=True needs a retrieval encoder in the model directory (retrieval/encoder)")
-        cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, guidance=guidance, cd_k=cd_k, seed=seed)
+        cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, guidance=guidance, cd_k=cd_k,
+                             cd_alpha=cd_alpha, seed=seed)
         ret_ids = self.retrieve_batch(texts=prompts, k=retrieve) if retrieve else [[] for _ in prompts]
         conds, unconds = [], []
         for p, ids in zip(prompts, ret_ids):

@@ -56,6 +56,12 @@ def _metrics_table(ev_pre: dict[str, Any], ev_sft: dict[str, Any]) -> tuple[list
     return rows, table
 
 
+def _sample_set(preset: Any) -> str:
+    mode = getattr(preset, "eval_mode", "top_p")
+    cd = f"CD-K with k={getattr(preset, 'eval_cd_k', 8)}, alpha={getattr(preset, 'eval_cd_alpha', 0.1):g}"
+    return {"top_p": "all CFG + top-p", "cd_k": f"all {cd}", "mix": f"half CFG + top-p, half {cd}"}.get(mode, mode)
+
+
 def _ablation_table(ab: dict[str, Any]) -> str:
     if not ab:
         return "<p>(ablations off in this preset)</p>"
@@ -66,7 +72,10 @@ def _ablation_table(ab: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(m.get(k, float('nan')))}</td>" for k in keys) + "</tr>"
         for name, m in ab.items()
     )
-    return f"<table><tr><th>setting</th>{head}</tr>{body}</table>"
+    note = ("<p>Each row changes one knob of the main setting. cfg_*, retrieve_* and rerank_off judge one "
+            "CFG + top-p sample per prompt (no re-ranking); the sampling_* rows draw the ablation sample count "
+            "from each sample set and re-rank it; rerank_on is the main evaluation.</p>")
+    return f"{note}<table><tr><th>setting</th>{head}</tr>{body}</table>"
 
 
 def write_report(out: Path, *, preset: Any, timings: dict[str, float], results: dict[str, Any],
@@ -111,9 +120,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{image-renderi
 retrieval-augmented CM3 pretraining → SFT → evaluation. Total stage time {sum(timings.values()):.0f}s
 (this invocation {wall:.0f}s; reused stages cost nothing).</p>
 <h2>Metrics (held-out Shapes)</h2>{table}
-<p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved documents, CFG 3,
-temperature {preset.eval_temperature:g}, top-p {preset.eval_top_p:g}, {preset.eval_samples} samples per prompt
-re-ranked by CLIP score; "all correct" means every attribute (shape, color, size, position) of every object right
+<p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved documents, CFG
+{preset.eval_guidance:g}, temperature {preset.eval_temperature:g}, top-p {preset.eval_top_p:g},
+{preset.eval_samples} samples per prompt ({_sample_set(preset)}) re-ranked by CLIP score; "all correct" means every attribute (shape, color, size, position) of every object right
 and the object count right.</p>
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
 {''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}

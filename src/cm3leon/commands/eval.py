@@ -23,7 +23,11 @@ def register(sub: Any) -> None:
                    help="task to evaluate (repeatable; default: all)")
     p.add_argument("--n", type=int, default=64, help="records per task (default 64)")
     p.add_argument("--samples", type=int, default=4, help="images per text-to-image prompt (default 4)")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale (default 3; the quickstart uses 1.5)")
+    p.add_argument("--mode", default="top_p", choices=["top_p", "cd_k", "mix"],
+                   help="text-to-image sampling: CFG + top-p, CD-K, or half each (paper §3.1; default top_p)")
+    p.add_argument("--cd-k", type=int, default=8, help="CD-K's k (default 8; the quickstart uses 1)")
+    p.add_argument("--cd-alpha", type=float, default=0.1, help="CD-K's alpha (default 0.1; the quickstart uses 0.3)")
     p.add_argument("--retrieve", type=int, default=0, choices=[0, 1, 2],
                    help="retrieved documents in front of each text-to-image prompt (the quickstart uses 2)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the quickstart uses 0.5)")
@@ -51,7 +55,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data} is not a Shapes dataset; the harness needs Shapes annotations")
     pipe = CM3Leon.from_pretrained(args.model, device=args.device)
     cfg = EvalConfig(n=args.n, samples=args.samples, guidance=args.guidance, retrieve=args.retrieve,
-                     temperature=args.temperature, top_p=args.top_p, rerank=not args.no_rerank, grid_dir=args.grids)
+                     temperature=args.temperature, top_p=args.top_p, rerank=not args.no_rerank, grid_dir=args.grids,
+                     mode=args.mode, cd_k=args.cd_k, cd_alpha=args.cd_alpha)
     results = run_eval(pipe, records, args.task or list(TASKS), cfg)
     out = {t: dataclasses.asdict(r) for t, r in results.items()}
     for t, r in results.items():

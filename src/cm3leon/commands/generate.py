@@ -33,6 +33,8 @@ def register(sub: Any) -> None:
     _sampling_args(g)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--cd-k", type=int, default=None, help="use CD-K with this k (paper Eq. 3)")
+    g.add_argument("--cd-alpha", type=float, default=0.1,
+                   help="CD-K's alpha: candidates have p >= alpha x the k-th largest probability (default 0.1)")
     g.add_argument("--mix", action="store_true", help="half top-p + CFG, half CD-K (the paper's sample mix)")
     g.add_argument("--retrieve", type=int, default=0, choices=[0, 1, 2], help="retrieved documents to prepend")
     g.add_argument("--rerank", action="store_true", help="order samples by CLIP score (best first)")
@@ -128,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
     _check_common(args)
     pipe = _load(args)
     res = pipe.generate_image(args.prompt, n=args.n, guidance=args.guidance, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, mix=args.mix,
+                              top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, cd_alpha=args.cd_alpha, mix=args.mix,
                               retrieve=args.retrieve, rerank=args.rerank, seed=args.seed)
     if res.retrieved:
         print("retrieved:", " | ".join(res.retrieved))

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TASKS = ("t2i", "caption", "vqa", "edit", "control", "ground")
 VQA_TYPES = ("color", "shape", "count")
 T2I_CHECKS = ("shape", "color", "size", "position", "count")
+T2I_MODES = ("top_p", "cd_k", "mix")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class EvalConfig:
     guidance: float = 3.0
     temperature: float = 1.0  # every image-generating task samples with these two
     top_p: float = 0.9
+    mode: str = "top_p"  # text-to-image sampling: top_p (CFG + nucleus), cd_k, or mix (half each)
     cd_k: int = 8
+    cd_alpha: float = 0.1
     rerank: bool = True
     retrieve: int = 0
     batch_size: int = 32
@@ -91,13 +94,17 @@ def save_grid(rows: Sequence[Sequence[Image.Image]], path: str | Path, *, labels
 
 # ---- text-to-image ----------------------------------------------------------------------
 def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, name: str = "t2i",
-             guidance: float | None = None, mode: str = "top_p", rerank: bool | None = None,
+             guidance: float | None = None, mode: str | None = None, rerank: bool | None = None,
              retrieve: int | None = None, real_features: np.ndarray | None = None) -> TaskResult:
     """Text-to-image from detailed captions; judged on shape, color, size, position and count.
 
-    ``mode``: ``top_p`` (CFG + nucleus), ``cd_k`` (CD-K) or ``mix`` (half each, paper §3.1).
+    ``mode`` (default ``cfg.mode``): ``top_p`` (CFG + nucleus), ``cd_k`` (CD-K) or ``mix`` (half
+    each, paper §3.1).
     """
     t0 = time.perf_counter()
+    mode = cfg.mode if mode is None else mode
+    if mode not in T2I_MODES:
+        raise ValueError(f"unknown text-to-image sampling mode {mode!r}; choose one of {T2I_MODES}")
     guidance = cfg.guidance if guidance is None else guidance
     rerank = cfg.rerank if rerank is None else rerank
     retrieve = cfg.retrieve if retrieve is None else retrieve
@@ -107,7 +114,8 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
     for chunk in _chunks(prompts, cfg.batch_size):
         res = pipe.generate_images(
             list(chunk), n=cfg.samples, guidance=guidance, temperature=cfg.temperature, top_p=cfg.top_p,
-            cd_k=cfg.cd_k if mode == "cd_k" else None, mix=mode == "mix", retrieve=retrieve,
+            cd_k=cfg.cd_k if mode in ("cd_k", "mix") else None, cd_alpha=cfg.cd_alpha, mix=mode == "mix",
+            retrieve=retrieve,
             rerank=rerank and pipe.encoder is not None, seed=cfg.seed,
         )
         for r in res:

@@ -168,6 +168,10 @@ class DualEncoderConfig:
     image_size: int = 32
     channels: tuple[int, ...] = (16, 32, 64)
     init_temperature: float = 0.07
+    # The image tower also keeps a spatial_grid x spatial_grid average-pooled map of its
+    # features, so "a circle at the top left" and "... at the bottom right" embed apart
+    # (global pooling alone is blind to where things are). 0: global pooling only.
+    spatial_grid: int = 3
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.dim <= 0 or self.max_text_len <= 0:
@@ -176,6 +180,8 @@ class DualEncoderConfig:
             raise ValueError(f"width={self.width} is not divisible by text_heads={self.text_heads}")
         if self.image_size < 8 or not self.channels:
             raise ValueError("image_size must be >= 8 and channels non-empty")
+        if self.spatial_grid < 0:
+            raise ValueError(f"spatial_grid must be >= 0 (0: global pooling only), got {self.spatial_grid}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
 
 
@@ -228,12 +234,16 @@ class _ImageTower(nn.Module):
             c_in = c
         layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Linear(2 * c_in, 2 * c_in), nn.ReLU(inplace=True), nn.Linear(2 * c_in, cfg.dim))
+        self.grid = cfg.spatial_grid
+        n_in = (2 + self.grid**2) * c_in
+        self.head = nn.Sequential(nn.Linear(n_in, 2 * c_in), nn.ReLU(inplace=True), nn.Linear(2 * c_in, cfg.dim))
 
     def forward(self, px: torch.Tensor) -> torch.Tensor:
         f = self.features(px)  # (B, C, h, w)
-        pooled = torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=1)  # (B, 2C): how much + whether
-        return self.head(pooled)
+        parts = [f.mean((2, 3)), f.amax((2, 3))]  # (B, 2C): how much + whether
+        if self.grid:
+            parts.append(F.adaptive_avg_pool2d(f, self.grid).flatten(1))  # (B, C g^2): where
+        return self.head(torch.cat(parts, dim=1))
 
 
 class DualEncoderModel(nn.Module):
@@ -348,7 +358,8 @@ class DualEncoder(Encoder):
         """Read an encoder directory written by :meth:`save` (strict weight loading)."""
         d = Path(directory)
         spec = json.loads((d / ENCODER_FILE).read_text())
-        cfg = from_json_dict(DualEncoderConfig, spec["config"])
+        # Encoders saved before spatial_grid existed pooled globally only.
+        cfg = from_json_dict(DualEncoderConfig, {"spatial_grid": 0, **spec["config"]})
         if not (d / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{d / WEIGHTS_FILE} is missing; re-train or re-save the encoder")
         model = DualEncoderModel(cfg)
