@@ -65,6 +65,15 @@ def test_sampling_modes_run(pipe):
         assert len(r.images) == 2
 
 
+def test_cd_alpha_one_keeps_only_the_conditional_argmax(pipe):
+    # CD-K with k=1, alpha=1: the candidate set is the conditional argmax alone, so every
+    # sample and every seed decodes the same greedy image; cd_alpha reaches the sampler.
+    codes = [pipe.generate_image("a red circle", n=3, cd_k=1, cd_alpha=1.0, seed=s).codes for s in (0, 1)]
+    assert torch.equal(codes[0], codes[1]) and all(torch.equal(codes[0][0], c) for c in codes[0])
+    with pytest.raises(ValueError, match="cd_alpha"):
+        pipe.generate_image("a red circle", cd_k=1, cd_alpha=0.0)
+
+
 def test_text_tasks(pipe):
     caps = pipe.captions([_img(), _img((0, 0, 255))], max_new_tokens=6)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)

@@ -142,3 +142,10 @@ def test_t2i_grid_shows_every_object_count():
     assert _grid_rows(np.array([1] * 64 + [2] * 64), 8) == [0, 1, 2, 3, 64, 65, 66, 67]
     assert _grid_rows(np.array([1, 1, 1]), 8) == [0, 1, 2]
     assert _grid_rows(np.array([2, 1, 2, 1, 1, 1]), 4) == [0, 1, 2, 3]
+
+
+def test_eval_t2i_rejects_an_unknown_sampling_mode():
+    from cm3leon.eval.harness import EvalConfig, eval_t2i
+
+    with pytest.raises(ValueError, match="sampling mode 'beam'"):
+        eval_t2i(None, [], EvalConfig(mode="beam"))  # type: ignore[arg-type]

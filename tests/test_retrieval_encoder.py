@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -188,6 +189,26 @@ def test_dual_encoder_load_rejects_mismatched_weights(tok, tmp_path):
     (tmp_path / "enc" / "encoder.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="does not match the encoder config"):
         load_encoder(tmp_path / "enc")
+
+
+def test_encoders_saved_before_the_spatial_map_still_load(tok, tmp_path):
+    torch.manual_seed(0)
+    cfg = DualEncoderConfig(vocab_size=tok.vocab_size, dim=16, width=32, text_layers=1, channels=(8, 16),
+                            image_size=16, max_text_len=12, spatial_grid=0)
+    enc = DualEncoder(DualEncoderModel(cfg), tok)
+    enc.save(tmp_path / "enc")
+    spec = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    del spec["config"]["spatial_grid"]  # an encoder.json written before the field existed
+    (tmp_path / "enc" / "encoder.json").write_text(json.dumps(spec))
+    back = load_encoder(tmp_path / "enc")
+    assert back.cfg.spatial_grid == 0
+    imgs = random_images(3, size=(16, 16))
+    np.testing.assert_allclose(back.embed_image(imgs), enc.embed_image(imgs), atol=1e-6)
+    # the spatial map adds C * g^2 inputs to the image head
+    with_map = DualEncoderModel(dataclasses.replace(cfg, spatial_grid=3))
+    assert with_map.image.head[0].in_features == (2 + 9) * 16
+    with pytest.raises(ValueError, match="spatial_grid"):
+        dataclasses.replace(cfg, spatial_grid=-1)
 
 
 def test_contrastive_loss_equals_symmetric_cross_entropy():
