@@ -39,10 +39,11 @@ def test_report_files_and_metrics(run):
         if r["metric"].startswith(("judge", "vqa_accuracy", "caption_attribute", "edit_accuracy", "attr_")):
             assert 0.0 <= r["sft"] <= 1.0, r
     ab = on_disk["ablations"]
-    assert {"cfg_1", "cfg_3", "retrieve_0", "retrieve_1", "retrieve_2", "sampling_top_p", "sampling_cd_k",
+    assert {"cfg_1", "cfg_1.5", "cfg_3", "retrieve_0", "retrieve_1", "retrieve_2", "sampling_top_p", "sampling_cd_k",
             "sampling_mix", "rerank_on", "rerank_off"} <= set(ab)
     html = (out / "report.html").read_text()
     assert "Ablations" in html and "t2i.png" in html
+    assert "CFG\n1.5" in html and "half CFG + top-p, half CD-K with k=1, alpha=0.3" in html  # the main setting
     assert (out / "model" / "model.safetensors").exists()
 
 

@@ -120,7 +120,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{image-renderi
 retrieval-augmented CM3 pretraining → SFT → evaluation. Total stage time {sum(timings.values()):.0f}s
 (this invocation {wall:.0f}s; reused stages cost nothing).</p>
 <h2>Metrics (held-out Shapes)</h2>{table}
-<p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved documents, CFG
+<p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved
+document{'' if preset.eval_retrieve == 1 else 's'}, CFG
 {preset.eval_guidance:g}, temperature {preset.eval_temperature:g}, top-p {preset.eval_top_p:g},
 {preset.eval_samples} samples per prompt ({_sample_set(preset)}) re-ranked by CLIP score; "all correct" means every attribute (shape, color, size, position) of every object right
 and the object count right.</p>

@@ -356,7 +356,7 @@ def _quickstart_model() -> dict[str, Any]:
 
 @recipe("quickstart")
 def quickstart() -> RunConfig:
-    """About 10 minutes on 2 CPU cores: the quickstart's pretraining (a 4-layer d=128 model on
+    """About 7.5 minutes on 2 CPU cores: the quickstart's pretraining (a 4-layer d=128 model on
     32 px Shapes, 64 tokens per image, 512 codes, with the place-in-image and row/column
     embeddings the quickstart uses; not in the paper)."""
     p = _quickstart_preset()
@@ -423,7 +423,7 @@ def paper_7b() -> RunConfig:
 
 @recipe("sft-quickstart")
 def sft_quickstart() -> RunConfig:
-    """SFT of the quickstart model on the Shapes task mixture (about 3 minutes on 2 CPU cores)."""
+    """SFT of the quickstart model on the Shapes task mixture (about 3.5 minutes on 2 CPU cores)."""
     p = _quickstart_preset()
     return RunConfig(
         name="sft-quickstart",
