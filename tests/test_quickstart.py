@@ -150,3 +150,12 @@ def test_eval_t2i_rejects_an_unknown_sampling_mode():
 
     with pytest.raises(ValueError, match="sampling mode 'beam'"):
         eval_t2i(None, [], EvalConfig(mode="beam"))  # type: ignore[arg-type]
+
+
+def test_preset_rejects_bad_knobs():
+    with pytest.raises(ValueError, match="eval_mode"):
+        get_preset("smoke", eval_mode="beam")
+    with pytest.raises(ValueError, match="encoder_detailed_prob"):
+        get_preset("smoke", encoder_detailed_prob=1.5)
+    with pytest.raises(ValueError, match="eval_retrieve"):
+        get_preset("smoke", eval_retrieve=3)

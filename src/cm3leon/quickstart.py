@@ -98,6 +98,15 @@ class QuickstartPreset:
     ablations: bool = True
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        for name in ("encoder_detailed_prob", "detailed_caption_prob", "sft_target_infill_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"QuickstartPreset.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.eval_mode not in ("top_p", "cd_k", "mix"):
+            raise ValueError(f"QuickstartPreset.eval_mode must be top_p, cd_k or mix, got {self.eval_mode!r}")
+        if self.eval_retrieve not in (0, 1, 2):
+            raise ValueError(f"QuickstartPreset.eval_retrieve must be 0, 1 or 2, got {self.eval_retrieve}")
+
 
 # SFT shares after the paper's mixture (Table 5 sizes): VQA (VQA2 1.3M + VizWiz + OKVQA) far
 # above ScienceQA-style reasoning (6k) and Image Paragraph-style detailed captions (14k). With
@@ -118,10 +127,9 @@ PRESETS: dict[str, QuickstartPreset] = {
     "default": QuickstartPreset(
         # seq 320: two retrieved documents + a detailed caption + 64 image tokens fit, in
         # training and at inference (the retrieval ablation decodes with 0, 1 and 2).
-        # Encoder on detailed captions only, 250 steps: CLIP re-ranking of 8 two-object samples
-        # picks a right one for 30% of prompts instead of 20% (the best of 8 is right for 34%;
-        # docs/training.md, fifth session).
-        name="default", n_train=16000, n_val=256, vq_steps=1200, encoder_steps=250, encoder_detailed_prob=1.0,
+        # (An encoder trained on detailed captions only re-ranks fixed samples better, but the
+        # whole run with it drew worse two-object images: docs/training.md, fifth session.)
+        name="default", n_train=16000, n_val=256, vq_steps=1200, encoder_steps=120,
         # The evaluated prompts have one or two objects: a world of 1-2 objects with captions in
         # reading order lifted single-object accuracy from 58% to 75% and two-object from 3% to 8%
         # at the same compute (docs/training.md, fourth session; the full run: 73% and 2%).
@@ -136,6 +144,7 @@ PRESETS: dict[str, QuickstartPreset] = {
         # (and a higher LR: 2e-3 gave VQA 55% vs 45% at 1e-3 after 480 steps).
         seq_len=320, n_retrieved=2, pretrain_steps=850, sft_steps=480, sft_lr=2e-3, sft_records=1200,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
+        eval_samples=8,  # half CFG + top-p, half CD-K, re-ranked (paper §3.1)
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
