@@ -102,8 +102,10 @@ class QuickstartPreset:
         for name in ("encoder_detailed_prob", "detailed_caption_prob", "sft_target_infill_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"QuickstartPreset.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.eval_mode not in ("top_p", "cd_k", "mix"):
-            raise ValueError(f"QuickstartPreset.eval_mode must be top_p, cd_k or mix, got {self.eval_mode!r}")
+        from cm3leon.generate.logits import IMAGE_SAMPLE_MODES
+
+        if self.eval_mode not in IMAGE_SAMPLE_MODES:
+            raise ValueError(f"QuickstartPreset.eval_mode must be one of {IMAGE_SAMPLE_MODES}, got {self.eval_mode!r}")
         if self.eval_retrieve not in (0, 1, 2):
             raise ValueError(f"QuickstartPreset.eval_retrieve must be 0, 1 or 2, got {self.eval_retrieve}")
 

@@ -57,9 +57,8 @@ def _metrics_table(ev_pre: dict[str, Any], ev_sft: dict[str, Any]) -> tuple[list
 
 
 def _sample_set(preset: Any) -> str:
-    mode = getattr(preset, "eval_mode", "top_p")
-    cd = f"CD-K with k={getattr(preset, 'eval_cd_k', 8)}, alpha={getattr(preset, 'eval_cd_alpha', 0.1):g}"
-    return {"top_p": "all CFG + top-p", "cd_k": f"all {cd}", "mix": f"half CFG + top-p, half {cd}"}.get(mode, mode)
+    cd = f"CD-K with k={preset.eval_cd_k}, alpha={preset.eval_cd_alpha:g}"
+    return {"top_p": "all CFG + top-p", "cd_k": f"all {cd}", "mix": f"half CFG + top-p, half {cd}"}[preset.eval_mode]
 
 
 def _ablation_table(ab: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ def register(sub: Any) -> None:
     p.add_argument("--n", type=int, default=64, help="records per task (default 64)")
     p.add_argument("--samples", type=int, default=4, help="images per text-to-image prompt (default 4)")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale (default 3; the quickstart uses 1.5)")
+    # the values of generate.logits.IMAGE_SAMPLE_MODES, spelled out: the CLI starts without torch
     p.add_argument("--mode", default="top_p", choices=["top_p", "cd_k", "mix"],
                    help="text-to-image sampling: CFG + top-p, CD-K, or half each (paper §3.1; default top_p)")
     p.add_argument("--cd-k", type=int, default=8, help="CD-K's k (default 8; the quickstart uses 1)")

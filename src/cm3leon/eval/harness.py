@@ -22,6 +22,7 @@ from cm3leon.data.records import DocRecord
 from cm3leon.data.shapes import parse_caption
 from cm3leon.eval import metrics
 from cm3leon.eval.shapes_judge import judge
+from cm3leon.generate.logits import IMAGE_SAMPLE_MODES
 from cm3leon.pipeline import CM3Leon
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 TASKS = ("t2i", "caption", "vqa", "edit", "control", "ground")
 VQA_TYPES = ("color", "shape", "count")
 T2I_CHECKS = ("shape", "color", "size", "position", "count")
-T2I_MODES = ("top_p", "cd_k", "mix")
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
     """
     t0 = time.perf_counter()
     mode = cfg.mode if mode is None else mode
-    if mode not in T2I_MODES:
-        raise ValueError(f"unknown text-to-image sampling mode {mode!r}; choose one of {T2I_MODES}")
+    if mode not in IMAGE_SAMPLE_MODES:
+        raise ValueError(f"unknown text-to-image sampling mode {mode!r}; choose one of {IMAGE_SAMPLE_MODES}")
     guidance = cfg.guidance if guidance is None else guidance
     rerank = cfg.rerank if rerank is None else rerank
     retrieve = cfg.retrieve if retrieve is None else retrieve

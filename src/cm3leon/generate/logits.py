@@ -25,6 +25,9 @@ from cm3leon.vocab import Vocab
 
 NEG_INF = float("-inf")
 
+# Image sample sets (paper §3.1): CFG + top-p, CD-K, or half of each ("mix").
+IMAGE_SAMPLE_MODES = ("top_p", "cd_k", "mix")
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
