@@ -59,6 +59,36 @@ def test_rerank_orders_by_clip_score(pipe):
     assert res.scores is not None and res.scores == sorted(res.scores, reverse=True)
 
 
+def test_a_reranker_directory_re_ranks_instead_of_the_retrieval_encoder(pipe, model_dir, tmp_path):
+    import numpy as np
+
+    from cm3leon.pipeline import ENCODER_DIR, RERANKER_DIR
+
+    assert pipe.reranker is pipe.encoder  # no reranker/: the retrieval encoder re-ranks
+    d = tmp_path / "with_reranker"
+    shutil.copytree(model_dir, d)
+    shutil.copytree(d / ENCODER_DIR, d / RERANKER_DIR)
+    loaded = CM3Leon.from_pretrained(d)
+    assert loaded.reranker is not None and loaded.reranker is not loaded.encoder
+
+    class Brightest:  # cosine with the prompt grows with the image's mean brightness b: (b, 1 - b) . (1, 0)
+        def embed_text(self, texts):
+            return np.tile(np.array([[1.0, 0.0]], np.float32), (len(texts), 1))
+
+        def embed_image(self, images):
+            b = [float(np.asarray(im, np.float32).mean()) / 255 for im in images]
+            return np.array([[x, 1 - x] for x in b], np.float32)
+
+    loaded.reranker = Brightest()
+    res = loaded.generate_image("a red circle", n=4, rerank=True, seed=1)
+    bright = [float(np.asarray(im, np.float32).mean()) for im in res.images]
+    assert bright == sorted(bright, reverse=True)
+    loaded.reranker = None
+    loaded.encoder = None
+    with pytest.raises(ValueError, match="reranker/ or retrieval/encoder"):
+        loaded.generate_image("a red circle", n=2, rerank=True)
+
+
 def test_sampling_modes_run(pipe):
     for kw in ({"cd_k": 4}, {"mix": True}, {"guidance": 1.0, "top_k": 5}):
         r = pipe.generate_image("a green triangle", n=2, **kw)

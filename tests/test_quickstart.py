@@ -45,6 +45,7 @@ def test_report_files_and_metrics(run):
     assert "Ablations" in html and "t2i.png" in html
     assert "CFG\n1.5" in html and "half CFG + top-p, half CD-K with k=1, alpha=0.3" in html  # the main setting
     assert (out / "model" / "model.safetensors").exists()
+    assert "reranker" in stages and (out / "model" / "reranker" / "encoder.json").exists()  # smoke trains one
 
 
 def test_rerun_reuses_stages(run):

@@ -229,6 +229,47 @@ def test_contrastive_loss_equals_symmetric_cross_entropy():
     torch.testing.assert_close(per_row[0], row0)
 
 
+def test_contrastive_loss_with_hard_negatives_adds_image_to_text_columns():
+    g = torch.Generator().manual_seed(1)
+    t = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    v = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    h = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    scale = torch.tensor(np.log(10.0))
+    logits = 10.0 * t @ v.T  # row = text
+    i2t = torch.cat([logits.T, 10.0 * v @ h.T], 1)  # row = image: its 5 captions, then the 3 negatives
+    ref = 0.5 * (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(i2t, torch.arange(5)))
+    torch.testing.assert_close(contrastive_loss(t, v, scale, hard_negatives=h), ref)
+    assert contrastive_loss(t, v, scale, hard_negatives=h) > contrastive_loss(t, v, scale)
+    torch.testing.assert_close(contrastive_loss(t, v, scale, hard_negatives=h[:0]), contrastive_loss(t, v, scale))
+
+
+def test_token_init_std_sets_the_token_embedding_scale():
+    tok = TextTokenizer.train(TEXTS * 4, 300)
+    cfg = DualEncoderConfig(vocab_size=tok.vocab_size, dim=16, width=32, text_layers=1)
+    assert abs(DualEncoderModel(cfg).text.tok.weight[:-1].std().item() - 1.0) < 0.1  # nn.Embedding default
+    w = DualEncoderModel(dataclasses.replace(cfg, token_init_std=0.02)).text.tok.weight
+    assert abs(w[:-1].std().item() - 0.02) < 0.005 and w[-1].abs().max() == 0  # pad row stays zero
+    with pytest.raises(ValueError, match="token_init_std"):
+        dataclasses.replace(cfg, token_init_std=0.0)
+
+
+def test_training_with_hard_negatives_records_them_and_checks_lengths():
+    from cm3leon.data.shapes import hard_negative_captions, iter_examples
+
+    recs = list(iter_examples(48, seed=3))
+    texts = [r.meta["captions"]["detailed"] for r in recs]
+    tok = TextTokenizer.train(texts, 300)
+    rng = np.random.default_rng(0)
+    negs = [hard_negative_captions(t, rng, 2) for t in texts]
+    negs[0] = []  # a pair without negatives is fine
+    cfg = DualEncoderConfig(vocab_size=tok.vocab_size, dim=32, width=32, text_layers=1, channels=(8, 16))
+    tc = EncoderTrainConfig(steps=6, batch_size=16, warmup=1)
+    enc = train_dual_encoder(texts, [r.image for r in recs], tokenizer=tok, cfg=cfg, train_cfg=tc, negatives=negs)
+    assert enc.info["train"]["hard_negatives"] == sum(len(n) for n in negs) > 0
+    with pytest.raises(ValueError, match="one list per pair"):
+        train_dual_encoder(texts, [r.image for r in recs], tokenizer=tok, cfg=cfg, train_cfg=tc, negatives=negs[:-1])
+
+
 def test_recall_counts_relevant_keys():
     t = np.eye(3, dtype=np.float32)
     v = np.eye(3, dtype=np.float32)[[1, 0, 2]]  # image i sits at the direction of text perm[i]

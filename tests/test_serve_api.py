@@ -247,7 +247,7 @@ def test_malformed_json_and_unusable_options(client: TestClient, pipe: CM3Leon) 
     no_encoder = CM3Leon(pipe.model, pipe.vocab, pipe.text_tokenizer, pipe.image_tokenizer)
     with TestClient(create_app(no_encoder)) as c:
         r = c.post(GEN, json={"prompt": "a", "rerank": True})
-        assert r.status_code == 400 and "retrieval encoder" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "reranker/ or retrieval/encoder" in r.json()["error"]["message"]
     assert client.get("/v1/nothing").json()["error"]["type"] == "not_found"
     r = client.get(GEN)
     assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]

@@ -27,6 +27,7 @@ from cm3leon.data.shapes import (
     ShapesConfig,
     depth_level,
     describe,
+    hard_negative_captions,
     iter_examples,
     make_example,
     parse_caption,
@@ -244,6 +245,28 @@ def test_parse_caption_tolerates_variants():
     assert specs == [ObjectSpec("circle", "red", "large"), ObjectSpec("circle", "red", "large"),
                      ObjectSpec("diamond", "blue", "small", "center")]
     assert parse_caption("a photo of a dog") == []
+
+
+def test_hard_negative_captions_swap_bindings_first_then_change_one_attribute():
+    cap = "a large red circle at the top left and a small blue square at the bottom right"
+    negs = hard_negative_captions(cap, np.random.default_rng(0), 6)
+    assert len(negs) == len(set(negs)) == 6 and cap not in negs
+    truth = parse_caption(cap)
+    key = lambda specs: sorted((s.shape, s.color, s.size, s.position) for s in specs)  # noqa: E731
+    for n in negs:
+        said = parse_caption(n)
+        assert len(said) == 2 and key(said) != key(truth)
+        assert reading_order(said) == said  # still in reading order, like the training captions
+    # the first four swap one attribute between the two objects: the same words, other bindings
+    for n in negs[:4]:
+        for attr in ("shape", "color", "size", "position"):
+            assert sorted(getattr(s, attr) for s in parse_caption(n)) == sorted(getattr(s, attr) for s in truth)
+    assert negs[0] == "a large blue circle at the top left and a small red square at the bottom right"
+    # one object: no swaps, only single-attribute changes; deterministic for a seed
+    one = hard_negative_captions("a small green diamond in the center", np.random.default_rng(1), 3)
+    assert len(one) == 3 and all(len(parse_caption(n)) == 1 for n in one)
+    assert one == hard_negative_captions("a small green diamond in the center", np.random.default_rng(1), 3)
+    assert hard_negative_captions("a photo of a dog", np.random.default_rng(0)) == []
 
 
 def test_vqa_and_reasoning_answers_follow_from_the_scene(examples):

@@ -7,6 +7,7 @@ A model directory (like a Hugging Face one) holds everything inference needs::
       text_tokenizer/                              byte-level BPE (tokenize/text_bpe.py)
       image_tokenizer/                             VQ-GAN (tokenize/image_vq.py)
       retrieval/encoder/                           optional: retrieval encoder (retrieval/encoder.py)
+      reranker/                                    optional: an encoder for CLIP re-ranking only (default: the retrieval encoder)
       retrieval/bank/                              optional: FAISS index + document vectors
       retrieval/memory/                            optional: the bank's documents as token shards
 
@@ -52,6 +53,7 @@ IMAGE_TOKENIZER_DIR = "image_tokenizer"
 ENCODER_DIR = "retrieval/encoder"
 BANK_DIR = "retrieval/bank"
 MEMORY_DIR = "retrieval/memory"
+RERANKER_DIR = "reranker"
 CONTROL_KINDS = ("edge", "seg", "depth", "hed", "pose", "norm", "scribble")
 MAX_PROMPT_CHARS = 2000
 
@@ -92,6 +94,7 @@ class CM3Leon:
         encoder: Encoder | None = None,
         bank: MemoryBank | None = None,
         memory: Shards | None = None,
+        reranker: Encoder | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         if model.cfg.vocab_size != vocab.size:
@@ -112,6 +115,9 @@ class CM3Leon:
         self.bank = bank
         self.memory = memory
         self.retriever = Retriever(bank, encoder, RetrieverConfig()) if bank is not None and encoder is not None else None
+        # What re-ranks generated images: a dedicated encoder if the directory has one (it can
+        # be trained for fine-grained matching without changing what the retriever finds).
+        self.reranker = reranker if reranker is not None else encoder
 
     # ---- loading / saving ------------------------------------------------------------
     @classmethod
@@ -131,6 +137,7 @@ class CM3Leon:
         text_tok = TextTokenizer.load(d / TEXT_TOKENIZER_DIR)
         image_tok = ImageTokenizer.from_pretrained(d / IMAGE_TOKENIZER_DIR, map_location=device)
         encoder = load_encoder(d / ENCODER_DIR) if (d / ENCODER_DIR).exists() else None
+        reranker = load_encoder(d / RERANKER_DIR) if (d / RERANKER_DIR).exists() else None
         bank = memory = None
         if (d / BANK_DIR).exists() and (d / MEMORY_DIR).exists():
             bank = MemoryBank.load(d / BANK_DIR)
@@ -140,7 +147,8 @@ class CM3Leon:
                     f"retrieval memory holds {len(memory)} documents but the index {len(bank)}; "
                     "they come from different builds - rebuild the model directory"
                 )
-        return cls(model, vocab, text_tok, image_tok, encoder=encoder, bank=bank, memory=memory, device=device)
+        return cls(model, vocab, text_tok, image_tok, encoder=encoder, bank=bank, memory=memory, reranker=reranker,
+                   device=device)
 
     @staticmethod
     def assemble(
@@ -152,6 +160,7 @@ class CM3Leon:
         encoder_dir: str | Path | None = None,
         bank_dir: str | Path | None = None,
         memory_dir: str | Path | None = None,
+        reranker_dir: str | Path | None = None,
     ) -> Path:
         """Copy trained components into one self-contained model directory."""
         out = Path(out)
@@ -159,7 +168,7 @@ class CM3Leon:
         for name in ("config.json", "model.safetensors", "vocab.json"):
             shutil.copy2(Path(model_dir) / name, out / name)
         parts = [(text_tokenizer_dir, TEXT_TOKENIZER_DIR), (image_tokenizer_dir, IMAGE_TOKENIZER_DIR),
-                 (encoder_dir, ENCODER_DIR), (bank_dir, BANK_DIR), (memory_dir, MEMORY_DIR)]
+                 (encoder_dir, ENCODER_DIR), (bank_dir, BANK_DIR), (memory_dir, MEMORY_DIR), (reranker_dir, RERANKER_DIR)]
         for src, rel in parts:
             if src is None:
                 continue
@@ -241,7 +250,8 @@ class CM3Leon:
         stream ``<eos> <mask:0> <break>``. ``cd_k`` switches to CD-K (``cd_alpha`` its alpha); ``mix`` draws half
         top-p+CFG and half CD-K (the paper's mix); ``retrieve`` prepends 0/1/2 retrieved
         documents to every stream; ``rerank`` orders each prompt's ``n`` samples by CLIP
-        score with the retrieval encoder (best first). ``callback(n_done, codes)`` sees the
+        score with ``self.reranker`` (the model directory's ``reranker/``, else the
+        retrieval encoder; best first). ``callback(n_done, codes)`` sees the
         partial codes every ``callback_every`` tokens (progressive previews).
         """
         prompts = [_check_prompt(p) for p in prompts]
@@ -251,8 +261,8 @@ class CM3Leon:
             raise ValueError(f"n must be >= 1, got {n}")
         if retrieve not in (0, 1, 2):
             raise ValueError(f"retrieve must be 0, 1 or 2 documents (paper §3.2), got {retrieve}")
-        if rerank and self.encoder is None:
-            raise ValueError("rerank=True needs a retrieval encoder in the model directory (retrieval/encoder)")
+        if rerank and self.reranker is None:
+            raise ValueError("rerank=True needs an encoder in the model directory (reranker/ or retrieval/encoder)")
         cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, guidance=guidance, cd_k=cd_k,
                              cd_alpha=cd_alpha, seed=seed)
         ret_ids = self.retrieve_batch(texts=prompts, k=retrieve) if retrieve else [[] for _ in prompts]
@@ -275,7 +285,7 @@ class CM3Leon:
         for j, p in enumerate(prompts):
             imgs, cds, scores = images[j * n : (j + 1) * n], codes[j * n : (j + 1) * n], None
             if rerank:
-                ranking = rerank_images(self.encoder, p, imgs)  # type: ignore[arg-type]
+                ranking = rerank_images(self.reranker, p, imgs)  # type: ignore[arg-type]
                 order = list(ranking.order)
                 imgs, cds = [imgs[i] for i in order], cds[order]
                 scores = [float(ranking.scores[i]) for i in order]

@@ -122,7 +122,9 @@ retrieval-augmented CM3 pretraining → SFT → evaluation. Total stage time {su
 <p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved
 document{'' if preset.eval_retrieve == 1 else 's'}, CFG
 {preset.eval_guidance:g}, temperature {preset.eval_temperature:g}, top-p {preset.eval_top_p:g},
-{preset.eval_samples} samples per prompt ({_sample_set(preset)}) re-ranked by CLIP score; "all correct" means every attribute (shape, color, size, position) of every object right
+{preset.eval_samples} samples per prompt ({_sample_set(preset)}) re-ranked by CLIP score with
+{"a separate re-ranker (a dual encoder trained on detailed captions for " + str(preset.reranker_steps) + " steps)"
+ if preset.reranker_steps else "the retrieval encoder"}; "all correct" means every attribute (shape, color, size, position) of every object right
 and the object count right.</p>
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
 {''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}

@@ -476,6 +476,58 @@ def parse_caption(text: str) -> list[ObjectSpec]:
     return specs
 
 
+_ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "position": POSITIONS,
+}
+
+
+def hard_negative_captions(caption: str, rng: np.random.Generator, k: int = 4) -> list[str]:
+    """Up to ``k`` captions that differ from a detailed ``caption`` in one binding or attribute.
+
+    First every caption with one attribute (color, shape, size, position) swapped between
+    two objects (the binding errors a bag-of-words encoder cannot see), then captions with
+    one attribute of one object changed, drawn at random to fill ``k``. What a contrastive
+    re-ranker must learn to tell apart (NegCLIP-style hard negatives, used by
+    ``train_dual_encoder(negatives=...)``). A caption in reading order stays in reading
+    order. Returns [] if nothing is parsed.
+    """
+    specs = parse_caption(caption)
+    if not specs:
+        return []
+    in_reading_order = reading_order(specs) == specs
+    base = describe(specs, detailed=True)
+    swaps: dict[str, None] = {}
+    changes: dict[str, None] = {}
+
+    def add(to: dict[str, None], new: list[ObjectSpec]) -> None:
+        text = describe(reading_order(new) if in_reading_order else new, detailed=True)
+        if text != base and text not in swaps:
+            to[text] = None
+
+    for attr in _ATTRIBUTE_VALUES:
+        for i, a in enumerate(specs):
+            if getattr(a, attr) is None:
+                continue
+            for j in range(i + 1, len(specs)):
+                new = list(specs)
+                new[i] = dataclasses.replace(a, **{attr: getattr(specs[j], attr)})
+                new[j] = dataclasses.replace(specs[j], **{attr: getattr(a, attr)})
+                add(swaps, new)
+    for attr, values in _ATTRIBUTE_VALUES.items():
+        for i, a in enumerate(specs):
+            for v in values if getattr(a, attr) is not None else ():
+                if v != getattr(a, attr):
+                    new = list(specs)
+                    new[i] = dataclasses.replace(a, **{attr: v})
+                    add(changes, new)
+    out = list(swaps)[:k]
+    rest = [c for c in changes if c not in swaps]
+    if len(out) < k and rest:
+        pick = rng.choice(len(rest), size=min(k - len(out), len(rest)), replace=False)
+        out += [rest[i] for i in sorted(pick)]
+    return out
+
+
 def refer(scene: Scene, z: int) -> str | None:
     """Shortest unambiguous noun phrase for object ``z`` (``"the red circle"``,
     ``"the large red circle"``, ``"the red circle on the left"``), or None if none is."""

@@ -116,7 +116,7 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
             list(chunk), n=cfg.samples, guidance=guidance, temperature=cfg.temperature, top_p=cfg.top_p,
             cd_k=cfg.cd_k if mode in ("cd_k", "mix") else None, cd_alpha=cfg.cd_alpha, mix=mode == "mix",
             retrieve=retrieve,
-            rerank=rerank and pipe.encoder is not None, seed=cfg.seed,
+            rerank=rerank and pipe.reranker is not None, seed=cfg.seed,
         )
         for r in res:
             best.append(r.images[0])

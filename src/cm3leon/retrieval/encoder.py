@@ -172,6 +172,13 @@ class DualEncoderConfig:
     # features, so "a circle at the top left" and "... at the bottom right" embed apart
     # (global pooling alone is blind to where things are). 0: global pooling only.
     spatial_grid: int = 3
+    # Initial std of the token embeddings; None: nn.Embedding's N(0, 1). Against the 0.02
+    # positions, N(0, 1) tokens make the text tower nearly a bag of words: a caption and the
+    # same caption with two objects' colors swapped embed at cosine 0.997, and even with
+    # swapped-caption hard negatives only 58% of swaps are told apart on real images; 0.02
+    # (CLIP's scale) reaches 94%. Still None by default: as the quickstart's retriever the
+    # order-aware encoder gave worse training neighbours and a worse model (docs/retrieval.md).
+    token_init_std: float | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size <= 0 or self.dim <= 0 or self.max_text_len <= 0:
@@ -180,6 +187,8 @@ class DualEncoderConfig:
             raise ValueError(f"width={self.width} is not divisible by text_heads={self.text_heads}")
         if self.image_size < 8 or not self.channels:
             raise ValueError("image_size must be >= 8 and channels non-empty")
+        if self.token_init_std is not None and not self.token_init_std > 0:
+            raise ValueError(f"token_init_std must be > 0 or None (nn.Embedding's N(0, 1)), got {self.token_init_std}")
         if self.spatial_grid < 0:
             raise ValueError(f"spatial_grid must be >= 0 (0: global pooling only), got {self.spatial_grid}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -206,6 +215,10 @@ class _TextTower(nn.Module):
         super().__init__()
         self.pad_id = cfg.vocab_size
         self.tok = nn.Embedding(cfg.vocab_size + 1, cfg.width, padding_idx=self.pad_id)
+        if cfg.token_init_std is not None:
+            with torch.no_grad():
+                nn.init.normal_(self.tok.weight, std=cfg.token_init_std)
+                self.tok.weight[self.pad_id].zero_()
         self.pos = nn.Parameter(torch.randn(cfg.max_text_len, cfg.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             cfg.width, cfg.text_heads, 2 * cfg.width, dropout=0.0, batch_first=True, norm_first=True
@@ -264,14 +277,19 @@ class DualEncoderModel(nn.Module):
 
 
 def contrastive_loss(
-    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor | None = None
+    text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of unit vectors [B, D] (CLIP's objective).
 
     ``positives`` [B, B] (bool) marks extra matching pairs (e.g. identical captions) so
     they are not pushed apart as negatives; the diagonal is always positive.
+    ``hard_negatives`` [M, D]: extra caption embeddings that match no image of the batch
+    (NegCLIP, Yuksekgonul et al. 2023): every image must also beat them (image->text
+    direction only; they are no image's caption, so text->image has nothing to add).
     """
-    logits = logit_scale.exp().clamp(max=100.0) * text @ image.T  # (B, B)
+    scale = logit_scale.exp().clamp(max=100.0)
+    logits = scale * text @ image.T  # (B, B)
     b = logits.shape[0]
     pos = torch.eye(b, dtype=torch.bool, device=logits.device)
     if positives is not None:
@@ -280,7 +298,11 @@ def contrastive_loss(
     def multi_positive_ce(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return (torch.logsumexp(lg, 1) - torch.logsumexp(lg.masked_fill(~p, float("-inf")), 1)).mean()
 
-    return 0.5 * (multi_positive_ce(logits, pos) + multi_positive_ce(logits.T, pos.T))
+    image_to_text, pos_i2t = logits.T, pos.T  # (B, B): row = image
+    if hard_negatives is not None and len(hard_negatives):
+        image_to_text = torch.cat([image_to_text, scale * image @ hard_negatives.T], dim=1)  # (B, B + M)
+        pos_i2t = torch.cat([pos_i2t, pos_i2t.new_zeros(b, len(hard_negatives))], dim=1)
+    return 0.5 * (multi_positive_ce(logits, pos) + multi_positive_ce(image_to_text, pos_i2t))
 
 
 class DualEncoder(Encoder):
@@ -407,15 +429,22 @@ def train_dual_encoder(
     train_cfg: EncoderTrainConfig | None = None,
     device: str = "cpu",
     progress: bool = False,
+    negatives: Sequence[Sequence[str]] | None = None,
 ) -> DualEncoder:
     """Train the in-house encoder on aligned caption/image pairs (symmetric InfoNCE).
 
     Pairs with identical captions are treated as positives of each other, so repeated
     captions (common in small synthetic worlds) are not pushed apart as negatives.
+    ``negatives[i]``: hard-negative captions of pair i (e.g. its caption with two objects'
+    colors swapped, :func:`cm3leon.data.shapes.hard_negative_captions`); each step one of
+    them per pair in the batch joins the image->text softmax (:func:`contrastive_loss`),
+    which teaches the text tower which attribute belongs to which object (NegCLIP).
     """
     tc = train_cfg or EncoderTrainConfig()
     if len(texts) != len(images):
         raise ValueError(f"got {len(texts)} captions for {len(images)} images")
+    if negatives is not None and len(negatives) != len(texts):
+        raise ValueError(f"got hard negatives for {len(negatives)} pairs but {len(texts)} pairs; give one list per pair")
     if len(texts) < 2:
         raise ValueError("need at least 2 caption-image pairs to train the encoder")
     cfg = cfg or DualEncoderConfig(vocab_size=tokenizer.vocab_size)
@@ -426,6 +455,12 @@ def train_dual_encoder(
     px = enc.pixels(images)  # (N, 3, S, S) uint8
     _, caption_class = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
     caption_class = torch.from_numpy(caption_class)
+    neg_ids = neg_start = neg_count = None
+    if negatives is not None:
+        flat = [str(t) for ns in negatives for t in ns]
+        neg_count = torch.tensor([len(ns) for ns in negatives], dtype=torch.long)
+        neg_start = torch.cumsum(neg_count, 0) - neg_count
+        neg_ids = enc.text_ids(flat) if flat else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
     opt = torch.optim.AdamW(
@@ -452,7 +487,13 @@ def train_dual_encoder(
         cls = caption_class[idx]
         t = model.encode_text(ids[idx].to(device))
         v = model.encode_image(_to_float(px[idx].to(device)))
-        loss = contrastive_loss(t, v, model.logit_scale, (cls[:, None] == cls[None, :]).to(device))
+        hard = None
+        if neg_ids is not None:
+            has = neg_count[idx] > 0
+            pick = neg_start[idx] + (torch.rand(len(idx), generator=gen) * neg_count[idx]).long().clamp_max(
+                (neg_count[idx] - 1).clamp_min(0))
+            hard = model.encode_text(neg_ids[pick[has]].to(device))
+        loss = contrastive_loss(t, v, model.logit_scale, (cls[:, None] == cls[None, :]).to(device), hard)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -463,7 +504,8 @@ def train_dual_encoder(
             steps.set_postfix(loss=f"{losses[-1]:.3f}")  # type: ignore[union-attr]
     model.eval()
     enc.info = {
-        "train": {**asdict(tc), "pairs": len(texts), "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:]))}
+        "train": {**asdict(tc), "pairs": len(texts), "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+                  "hard_negatives": 0 if neg_count is None else int(neg_count.sum())}
     }
     log.info("trained %s on %d pairs: loss %.3f -> %.3f", enc.name, len(texts), losses[0], enc.info["train"]["final_loss"])
     return enc

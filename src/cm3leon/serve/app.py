@@ -558,8 +558,8 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         if req.retrieve and pipe.retriever is None:
             raise APIError(400, "retrieve > 0 needs a retrieval memory in the model directory "
                            "(retrieval/encoder, retrieval/bank, retrieval/memory); use retrieve=0")
-        if req.rerank and pipe.encoder is None:
-            raise APIError(400, "rerank needs a retrieval encoder in the model directory (retrieval/encoder); "
+        if req.rerank and pipe.reranker is None:
+            raise APIError(400, "rerank needs an encoder in the model directory (reranker/ or retrieval/encoder); "
                            "use rerank=false")
         n_tokens = len(pipe.text_ids(req.prompt)) + 2 + L
         if n_tokens > pipe.model.cfg.max_seq_len:
@@ -637,7 +637,7 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         """What this server's model can do (the web page reads it)."""
         return {
             "model": cfg.model_name, "size": f"{resolution}x{resolution}", "tokens_per_image": L,
-            "max_n": MAX_N, "retrieval": pipe.retriever is not None, "rerank": pipe.encoder is not None,
+            "max_n": MAX_N, "retrieval": pipe.retriever is not None, "rerank": pipe.reranker is not None,
             "max_batch": cfg.max_batch, "max_upload_bytes": cfg.max_upload_bytes,
             "context": pipe.model.cfg.max_seq_len,
         }
