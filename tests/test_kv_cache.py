@@ -58,6 +58,28 @@ def test_cached_decoding_equals_full_forward_per_row(activation):
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@torch.no_grad()
+def test_forward_decode_is_forward_cached_for_one_token(activation):
+    """The eager decoding hot path computes what the general cached forward computes."""
+    model = randomized(activation=activation)
+    torch.manual_seed(2)
+    ids, valid = left_pad([torch.randint(4, V, (n,)) for n in (5, 3, 8)])
+    for window in (None, (10, 60)):
+        caches = [KVCache.allocate(model.cfg, 3, 12) for _ in range(2)]
+        for c in caches:
+            prefill(model, ids, valid, c)
+        tok, slot = torch.randint(4, V, (3, 1)), ids.shape[1]
+        mask = torch.zeros(3, 1, 1, slot + 1)
+        mask[:, :, :, :slot] = torch.where(valid, 0.0, float("-inf"))[:, None, None, :]
+        pos = caches[0].pos[:, None]
+        a = model.forward_decode(tok, pos, kv=caches[0].layers(), slot=slot, attn_mask=mask, head_window=window)
+        b = model.forward_cached(tok, pos, kv=caches[1].layers(), slots=slot, attn_mask=mask, head_window=window)[:, -1]
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        torch.testing.assert_close(caches[0].k, caches[1].k, atol=0, rtol=0)  # the same K/V written
+        torch.testing.assert_close(caches[0].v, caches[1].v, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("static", [False, True])
 @torch.no_grad()
 def test_head_window_gives_the_slice_of_the_full_logits(static):
@@ -193,7 +215,7 @@ def test_image_index_hand_example():
     assert image_index(ids, 60, 3).tolist() == [[-1, -1, 0, 1, 2, 0, -1, 0, 1, -1]]
 
 
-@pytest.mark.parametrize("static,axial", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("static,axial", [(False, False), (False, True), (True, False), (True, True)])
 @torch.no_grad()
 def test_image_position_embedding_cached_equals_full_forward(static, axial):
     """The cache tracks each row's place in its image across prefill and decode steps."""

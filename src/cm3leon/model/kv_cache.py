@@ -189,11 +189,11 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache,
     # One additive mask for all layers (a Bool mask is converted to this in every layer).
     valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
     attn_mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(~valid, float("-inf"))
-    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
+    logits = model.forward_decode(ids, cache.pos[:, None], kv=cache.layers(), slot=slot, attn_mask=attn_mask,
                                   head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
     cache.pos.add_(1)
     cache.slot.add_(1)
-    return logits[:, -1]  # (B, V)
+    return logits  # (B, V)
 
 
 def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor | None:

@@ -239,6 +239,46 @@ class Transformer(nn.Module):
                 x = block(x, attn_mask)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
+    def forward_decode(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        *,
+        kv: list[tuple[Tensor, Tensor]],
+        slot: int,
+        attn_mask: Tensor,
+        head_window: tuple[int, int] | None = None,
+        image_idx: Tensor | None = None,
+    ) -> Tensor:
+        """One new token per row against the cache, eagerly: the decoding hot path.
+
+        The same computation as ``forward_cached(ids, ..., slots=slot)`` with ``ids`` Long[B, 1]
+        (same ops in the same order, so the same logits), written as plain functional calls
+        on the weights: with a small model and 1-token steps, the per-op host overhead of
+        module calls, q/k/v splits and head transposes costs as much as the arithmetic.
+        ``attn_mask`` is [B, 1, 1, slot + 1]. Returns logits Float[B, V] (or ``hi - lo``).
+        """
+        B = ids.shape[0]
+        C, nh, hd = self.cfg.d_model, self.cfg.n_heads, self.cfg.head_dim
+        act = F.relu if self.cfg.activation == "relu" else F.gelu
+        x = self.embed(ids, positions, image_idx).view(B, C)  # (B, C)
+        for block, (k_buf, v_buf) in zip(self.blocks, kv):
+            qkv = F.linear(F.layer_norm(x, (C,)), block.attn.qkv.weight).view(B, 3, nh, hd)
+            k_buf[:, :, slot].copy_(qkv[:, 1])  # (B, nh, hd) into slot
+            v_buf[:, :, slot].copy_(qkv[:, 2])
+            q = qkv[:, 0].unsqueeze(2)  # (B, nh, 1, hd)
+            if q.dtype != k_buf.dtype:
+                q = q.to(k_buf.dtype)
+            y = F.scaled_dot_product_attention(q, k_buf[:, :, : slot + 1], v_buf[:, :, : slot + 1], attn_mask=attn_mask)
+            x = x + F.linear(y.to(x.dtype).reshape(B, C), block.attn.out.weight)  # (B, nh, 1, hd) -> (B, C)
+            h = F.layer_norm(x, (C,))
+            x = x + F.linear(act(F.linear(h, block.mlp.fc1.weight)), block.mlp.fc2.weight)
+        h = F.layer_norm(x, (C,))
+        if head_window is not None:
+            lo, hi = head_window
+            return F.linear(h, self.lm_head.weight[lo:hi])  # (B, hi - lo)
+        return F.linear(h, self.lm_head.weight)  # (B, V)
+
     def forward_cached(
         self,
         ids: Tensor,
