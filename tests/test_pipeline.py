@@ -127,6 +127,12 @@ def test_infill_text_and_image(pipe):
     assert all(v.text_offset <= i < v.image_offset for i in out)
     img = pipe.infill([v.eos_id, *pipe.text_ids("a red circle"), v.break_id], kind="image")
     assert len(img) == v.image_seq_len and all(i >= v.image_offset for i in img)
+    # a span cut out of the middle of an image: the places after it are unknown, so refused
+    image = v.codes_to_ids(codes)
+    partial = [v.eos_id, *pipe.text_ids("a red circle"), v.break_id, *image[:5], v.mask_id(0), *image[9:], v.break_id,
+               v.eos_id, v.mask_id(0)]
+    with pytest.raises(ValueError, match="run of 5 image ids where a whole image has"):
+        pipe.infill(partial, kind="image")
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
 from cm3leon.sequence.sft import format_box, render_prompt
 from cm3leon.tokenize.image_vq import ImageTokenizer
 from cm3leon.tokenize.text_bpe import TextTokenizer
-from cm3leon.vocab import Vocab
+from cm3leon.vocab import Kind, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -402,10 +402,26 @@ class CM3Leon:
 
     def infill(self, ids: Sequence[int], *, kind: str = "text", max_new_tokens: int = 64,
                sampling: SamplingConfig | None = None) -> list[int]:
-        """Generate the span of a CM3 infilling prompt (ids ending with ``<infill>``, or ``<break>`` for images)."""
+        """Generate the span of a CM3 infilling prompt (ids ending with ``<infill>``, or ``<break>`` for images).
+
+        Images in the prompt must be whole (L image ids between separators): a span masked
+        out of the middle of an image is refused, because the places of the image tokens
+        after it (which training rows carry) cannot be recovered from the ids alone.
+        """
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("empty infilling prompt")
+        L, run = self.vocab.image_seq_len, 0
+        for i in [*ids, self.vocab.eos_id]:  # runs of consecutive image ids must be whole images
+            if self.vocab.kind(i) is Kind.IMAGE:
+                run += 1
+                continue
+            if run not in (0, L):
+                raise ValueError(
+                    f"the prompt holds a run of {run} image ids where a whole image has {L}: infilling a span cut "
+                    "out of an image is not supported; mask whole images (a <mask:k> in place of the entire image)"
+                )
+            run = 0
         cfg = sampling or SamplingConfig(greedy=True)
         if kind == "image":
             codes = generate_image_tokens(self.model, self.vocab, [ids], dataclasses.replace(cfg, guidance=1.0))
