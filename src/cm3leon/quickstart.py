@@ -165,7 +165,7 @@ PRESETS: dict[str, QuickstartPreset] = {
         # (docs/training.md, sixth session): 16 top-p samples are the most diverse set (best
         # of 16 right for ~40% of two-object prompts vs ~26% for the paper's top-p/CD-K mix,
         # whose CD-K half is precise but alike), and the re-ranker picks a right one for
-        # 31% / 22% (two seeds) vs 16% / 16% for the previous default (8 mixed samples, one
+        # 22-34% over four seeds (29.7% mean) vs 16% / 16% for the previous default (8 mixed samples, one
         # document, re-ranked by the retrieval encoder). The mix is in the ablations.
         eval_samples=16, eval_mode="top_p", eval_retrieve=0, reranker_steps=250,
     ),
