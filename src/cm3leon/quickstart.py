@@ -161,12 +161,14 @@ PRESETS: dict[str, QuickstartPreset] = {
         seq_len=320, n_retrieved=2, pretrain_steps=850, sft_steps=480, sft_lr=2e-3, sft_records=1200,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
         # Main text-to-image evaluation: 16 CFG + top-p samples without retrieved documents,
-        # re-ranked by a re-ranker trained on detailed captions. Measured on this model
-        # (docs/training.md, sixth session): 16 top-p samples are the most diverse set (best
-        # of 16 right for ~40% of two-object prompts vs ~26% for the paper's top-p/CD-K mix,
-        # whose CD-K half is precise but alike), and the re-ranker picks a right one for
-        # 22-34% over four seeds (29.7% mean) vs 16% / 16% for the previous default (8 mixed samples, one
-        # document, re-ranked by the retrieval encoder). The mix is in the ablations.
+        # re-ranked by a re-ranker trained on detailed captions. Measured (docs/training.md,
+        # sixth session): 16 top-p samples are the most diverse set (on the fifth session's
+        # model the best of 16 was right for ~40% of two-object prompts vs ~26% for the
+        # paper's top-p/CD-K mix, whose CD-K half is precise but alike; the re-ranker picked
+        # a right one for 22-34% over four seeds vs 16% for the previous default of 8 mixed
+        # samples, one document, retrieval encoder), and on a fresh run's model it lifts
+        # one-object prompts from 77% to 94% and two-object from 6% to 11%. The mix is in
+        # the ablations.
         eval_samples=16, eval_mode="top_p", eval_retrieve=0, reranker_steps=250,
     ),
     "gpu": QuickstartPreset(
