@@ -488,7 +488,7 @@ def train_dual_encoder(
         t = model.encode_text(ids[idx].to(device))
         v = model.encode_image(_to_float(px[idx].to(device)))
         hard = None
-        if neg_ids is not None:
+        if neg_ids is not None and bool((neg_count[idx] > 0).any()):
             has = neg_count[idx] > 0
             pick = neg_start[idx] + (torch.rand(len(idx), generator=gen) * neg_count[idx]).long().clamp_max(
                 (neg_count[idx] - 1).clamp_min(0))
