@@ -135,6 +135,43 @@ def test_a_stage_reruns_only_when_its_own_or_upstream_inputs_change(tmp_path):
         Stages(tmp_path, p).run("x", stage("x"), after=("nope",))
 
 
+def test_train_seed_joins_the_key_only_when_set(tmp_path):
+    """Workspaces made before the seed knob existed stay valid; another seed redoes training."""
+    import json as _json
+
+    from cm3leon.quickstart import Stages
+
+    ran: list[str] = []
+
+    def stage(d):
+        ran.append(d.name)
+        return {}
+
+    p = get_preset("smoke")
+    Stages(tmp_path, p).run("pretrain", stage, ("pretrain_steps", "train_seed"))
+    inputs = _json.loads((tmp_path / "pretrain" / "stage.json").read_text())["inputs"]
+    assert "train_seed" not in inputs and "pretrain_steps" in inputs  # the key of a pre-seed workspace
+    Stages(tmp_path, p).run("pretrain", stage, ("pretrain_steps", "train_seed"))
+    assert ran == ["pretrain"]  # reused
+    Stages(tmp_path, get_preset("smoke", train_seed=1)).run("pretrain", stage, ("pretrain_steps", "train_seed"))
+    assert ran == ["pretrain", "pretrain"]
+
+
+def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
+    from cm3leon import quickstart
+    from cm3leon.cli import main
+
+    seen = {}
+
+    def fake_run(out, preset, force=False):
+        seen["seed"] = preset.train_seed
+        return {"metrics": [], "stage_seconds": {}}
+
+    monkeypatch.setattr(quickstart, "run_quickstart", fake_run)
+    assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--seed", "3"]) == 0
+    assert seen["seed"] == 3
+
+
 def test_t2i_grid_shows_every_object_count():
     """The report's grids share their 8 rows among the 1- and 2-object prompts."""
     import numpy as np

@@ -105,6 +105,10 @@ class QuickstartPreset:
     eval_cd_k: int = 1
     eval_cd_alpha: float = 0.3
     ablation_samples: int = 2  # images per prompt in each ablation run (the main t2i run uses eval_samples)
+    # Seed of pretraining and SFT (model init, batch order, CM3 spans). At this budget two
+    # seeds of the same recipe can differ by 10 points on two-object prompts (docs/training.md,
+    # sixth session): vary it to see the spread before trusting a difference.
+    train_seed: int = 0
     ablations: bool = True
     device: str = "auto"
 
@@ -191,6 +195,9 @@ def get_preset(name: str, **overrides: Any) -> QuickstartPreset:
 # Part of every stage's key: bump it when a code change makes earlier outputs stale under
 # unchanged preset fields (3: SFT shards gained text_to_image, rows carry true image places).
 STAGE_FORMAT = 3
+# Fields that join a stage's key only when set to something other than their default, so
+# that adding such a knob does not invalidate the workspaces made before it existed.
+KEY_ONLY_IF_SET = frozenset({"train_seed"})
 
 
 class Stages:
@@ -219,7 +226,9 @@ class Stages:
         for src in (*(self._fields[a] for a in after), fields):
             names += [f for f in src if f not in names]
         self._fields[name] = names
-        key = {"format": STAGE_FORMAT, **{f: getattr(self.preset, f) for f in names}}
+        defaults = {f.name: f.default for f in dataclasses.fields(QuickstartPreset)}
+        key = {"format": STAGE_FORMAT, **{f: getattr(self.preset, f) for f in names
+                                          if f not in KEY_ONLY_IF_SET or getattr(self.preset, f) != defaults[f]}}
         d = self.out / name
         marker = d / "stage.json"
         if marker.exists() and not self.force:
@@ -477,12 +486,12 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
         from cm3leon.train.loop import train
 
         vocab = Shards(shards["pretrain"]).vocab
-        data = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=0)
+        data = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=p.train_seed)
         val = PretrainDataset(shards["pretrain_val"], seq_len=p.seq_len, n_retrieved=0, seed=1)
         cfg = TrainConfig(steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr,
                           warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
-                          eval_batches=4, device=_device(p))
+                          eval_batches=4, device=_device(p), seed=p.train_seed)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, resume=_interrupted(d))
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "final_loss": res.losses[max(res.losses)] if res.losses else None}
@@ -498,13 +507,13 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
         from cm3leon.train.loop import train
 
         vocab = Shards(shards["sft"]).vocab
-        data = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=0, target_infill_prob=p.sft_target_infill_prob,
+        data = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=p.train_seed, target_infill_prob=p.sft_target_infill_prob,
                           target_shares=p.sft_shares)
         print(data.table(), flush=True)
         cfg = TrainConfig(steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr,
                           warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
-                          eval_batches=4, device=_device(p))
+                          eval_batches=4, device=_device(p), seed=p.train_seed)
         val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1, target_infill_prob=p.sft_target_infill_prob,
                          target_shares=p.sft_shares)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
@@ -610,7 +619,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                     after=("text_tokenizer", "image_tokenizer", "index"))
     pre = st.run("pretrain", _stage_pretrain(p, shards),
                  ("model_preset", "model_overrides", "image_pos_emb", "seq_len", "n_retrieved", "pretrain_steps",
-                  "pretrain_batch", "pretrain_lr"), after=("shards",))
+                  "pretrain_batch", "pretrain_lr", "train_seed"), after=("shards",))
     reranker = None
     if p.reranker_steps:
         reranker = st.run("reranker", _stage_reranker(p, data, text), ("reranker_steps",),

@@ -19,15 +19,18 @@ def register(sub: Any) -> None:
     p.add_argument("--preset", default="default", choices=["smoke", "default", "gpu"],
                    help="smoke: ~2 min on 2 CPU cores; default: ~20 min on 2 CPU cores; gpu: one GPU")
     p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of pretraining and SFT (default 0); other seeds redo those stages and the evaluations, "
+                   "to show the run-to-run spread")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from cm3leon.quickstart import run_quickstart
+    from cm3leon.quickstart import get_preset, run_quickstart
 
-    report = run_quickstart(args.out, args.preset, force=args.force)
+    report = run_quickstart(args.out, get_preset(args.preset, train_seed=args.seed), force=args.force)
     print(f"\nreport: {args.out}/report.html  ({args.out}/report.json)")
     for row in report["metrics"]:
         tgt = "" if row["target"] is None else f"  (target {row['target']:.2f}: {'ok' if row['meets_target'] else 'MISSED'})"
