@@ -198,6 +198,7 @@ STAGE_FORMAT = 3
 # Fields that join a stage's key only when set to something other than their default, so
 # that adding such a knob does not invalidate the workspaces made before it existed.
 KEY_ONLY_IF_SET = frozenset({"train_seed"})
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuickstartPreset) if f.name in KEY_ONLY_IF_SET}
 
 
 class Stages:
@@ -226,9 +227,8 @@ class Stages:
         for src in (*(self._fields[a] for a in after), fields):
             names += [f for f in src if f not in names]
         self._fields[name] = names
-        defaults = {f.name: f.default for f in dataclasses.fields(QuickstartPreset)}
         key = {"format": STAGE_FORMAT, **{f: getattr(self.preset, f) for f in names
-                                          if f not in KEY_ONLY_IF_SET or getattr(self.preset, f) != defaults[f]}}
+                                          if f not in KEY_ONLY_IF_SET or getattr(self.preset, f) != _DEFAULTS[f]}}
         d = self.out / name
         marker = d / "stage.json"
         if marker.exists() and not self.force:
@@ -336,30 +336,35 @@ def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callabl
     return fn
 
 
+def _train_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any], *, steps: int,
+                   detailed_prob: float, hard_negatives: int = 0, overrides: dict[str, Any] | None = None) -> Any:
+    """A dual encoder trained on the Shapes training pairs, each with its detailed caption
+    with probability ``detailed_prob`` (else the short one)."""
+    from cm3leon.data.dataset import Dataset
+    from cm3leon.data.shapes import hard_negative_captions
+    from cm3leon.retrieval.encoder import DualEncoderConfig, EncoderTrainConfig, train_dual_encoder
+    from cm3leon.tokenize.text_bpe import TextTokenizer
+
+    tok = TextTokenizer.load(text["dir"])
+    recs = list(Dataset(data["train"], columns=["id", "image", "text", "meta"]))
+    rng = random.Random(0)
+    texts = [r.meta["captions"]["detailed"] if rng.random() < detailed_prob else r.text for r in recs]
+    nrng = np.random.default_rng(0)
+    negatives = [hard_negative_captions(t, nrng, hard_negatives) for t in texts] if hard_negatives else None
+    return train_dual_encoder(
+        texts, [r.image for r in recs], tokenizer=tok,
+        cfg=DualEncoderConfig(vocab_size=tok.vocab_size, image_size=p.image_size, **(overrides or {})),
+        train_cfg=EncoderTrainConfig(steps=steps), device=_device(p), progress=True, negatives=negatives,
+    )
+
+
 def _stage_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
-        from cm3leon.data.shapes import hard_negative_captions
-        from cm3leon.retrieval.encoder import (
-            DualEncoderConfig,
-            EncoderTrainConfig,
-            text_to_image_recall,
-            train_dual_encoder,
-        )
-        from cm3leon.tokenize.text_bpe import TextTokenizer
+        from cm3leon.retrieval.encoder import text_to_image_recall
 
-        tok = TextTokenizer.load(text["dir"])
-        recs = list(Dataset(data["train"], columns=["id", "image", "text", "meta"]))
-        rng = random.Random(0)
-        texts = [r.meta["captions"]["detailed"] if rng.random() < p.encoder_detailed_prob else r.text for r in recs]
-        nrng = np.random.default_rng(0)
-        negatives = [hard_negative_captions(t, nrng, p.encoder_hard_negatives) for t in texts] \
-            if p.encoder_hard_negatives else None
-        enc = train_dual_encoder(
-            texts, [r.image for r in recs], tokenizer=tok,
-            cfg=DualEncoderConfig(vocab_size=tok.vocab_size, image_size=p.image_size, **p.encoder_overrides),
-            train_cfg=EncoderTrainConfig(steps=p.encoder_steps), device=_device(p), progress=True, negatives=negatives,
-        )
+        enc = _train_encoder(p, data, text, steps=p.encoder_steps, detailed_prob=p.encoder_detailed_prob,
+                             hard_negatives=p.encoder_hard_negatives, overrides=p.encoder_overrides)
         enc.save(d)
         val = list(Dataset(data["val"]))
         keys = [tuple(sorted((o["shape"], o["color"]) for o in r.meta["objects"])) for r in val]
@@ -371,17 +376,7 @@ def _stage_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, An
 
 def _stage_reranker(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
-        from cm3leon.data.dataset import Dataset
-        from cm3leon.retrieval.encoder import DualEncoderConfig, EncoderTrainConfig, train_dual_encoder
-        from cm3leon.tokenize.text_bpe import TextTokenizer
-
-        tok = TextTokenizer.load(text["dir"])
-        recs = list(Dataset(data["train"], columns=["id", "image", "meta"]))
-        enc = train_dual_encoder(
-            [r.meta["captions"]["detailed"] for r in recs], [r.image for r in recs], tokenizer=tok,
-            cfg=DualEncoderConfig(vocab_size=tok.vocab_size, image_size=p.image_size),
-            train_cfg=EncoderTrainConfig(steps=p.reranker_steps), device=_device(p), progress=True,
-        )
+        enc = _train_encoder(p, data, text, steps=p.reranker_steps, detailed_prob=1.0)  # detailed captions only
         enc.save(d)
         return {"dir": str(d), "final_loss": enc.info["train"]["final_loss"]}
 

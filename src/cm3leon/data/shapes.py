@@ -515,13 +515,15 @@ def hard_negative_captions(caption: str, rng: np.random.Generator, k: int = 4) -
                 add(swaps, new)
     for attr, values in _ATTRIBUTE_VALUES.items():
         for i, a in enumerate(specs):
-            for v in values if getattr(a, attr) is not None else ():
+            if getattr(a, attr) is None:
+                continue
+            for v in values:
                 if v != getattr(a, attr):
                     new = list(specs)
                     new[i] = dataclasses.replace(a, **{attr: v})
                     add(changes, new)
     out = list(swaps)[:k]
-    rest = [c for c in changes if c not in swaps]
+    rest = list(changes)  # add() keeps swaps out of changes
     if len(out) < k and rest:
         pick = rng.choice(len(rest), size=min(k - len(out), len(rest)), replace=False)
         out += [rest[i] for i in sorted(pick)]

@@ -488,11 +488,10 @@ def train_dual_encoder(
         t = model.encode_text(ids[idx].to(device))
         v = model.encode_image(_to_float(px[idx].to(device)))
         hard = None
-        if neg_ids is not None and bool((neg_count[idx] > 0).any()):
-            has = neg_count[idx] > 0
-            pick = neg_start[idx] + (torch.rand(len(idx), generator=gen) * neg_count[idx]).long().clamp_max(
-                (neg_count[idx] - 1).clamp_min(0))
-            hard = model.encode_text(neg_ids[pick[has]].to(device))
+        count = neg_count[idx] if neg_count is not None else None
+        if neg_ids is not None and bool((count > 0).any()):
+            pick = neg_start[idx] + (torch.rand(len(idx), generator=gen) * count).long().clamp_max((count - 1).clamp_min(0))
+            hard = model.encode_text(neg_ids[pick[count > 0]].to(device))
         loss = contrastive_loss(t, v, model.logit_scale, (cls[:, None] == cls[None, :]).to(device), hard)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
