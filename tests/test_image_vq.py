@@ -238,6 +238,25 @@ def test_patch_local_encoder_gives_identical_patches_identical_codes():
     assert codes[1, 5, 2].item() == ref
 
 
+def test_patch_local_encode_of_distinct_patches_equals_the_full_map():
+    """encode() computes each distinct patch once; the codes equal the whole batch's map."""
+    cfg = dataclasses.replace(TINY, attn_resolutions=(), mid_attn=False, patch_local=True)
+    torch.manual_seed(0)
+    m = ImageTokenizer(cfg)
+    _randomize(m)
+    m.eval()
+    x = torch.ones(4, 3, 16, 16)
+    x[0, :, 2:10, 4:12] = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)  # a flat red square
+    x[1] = x[0].roll(4, dims=2)  # the same square moved by whole patches
+    x[2] = _images(1)[0]  # all-distinct patches
+    x[3, :, :, :8] = -1.0  # half black
+    with torch.no_grad():
+        _, q = m.quantize_latents(x)
+    full = q.indices.flatten(1)
+    assert torch.equal(m.encode(x), full)
+    assert torch.equal(m.encode(x[2:3]), full[2:3])  # batch composition does not matter
+
+
 def test_channel_norm_is_local_layer_norm_over_channels():
     from cm3leon.tokenize.image_vq import ChannelNorm
 

@@ -190,6 +190,32 @@ def test_eval_t2i_rejects_an_unknown_sampling_mode():
         eval_t2i(None, [], EvalConfig(mode="beam"))  # type: ignore[arg-type]
 
 
+def test_eval_t2i_judges_the_pick_when_reranking_and_every_sample_otherwise():
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cm3leon.data.shapes import ShapesConfig, iter_examples
+    from cm3leon.eval.harness import EvalConfig, eval_t2i
+
+    recs = [r for r in iter_examples(40, ShapesConfig(size=32, max_objects=1), seed=3)][:4]
+    blank = Image.new("RGB", (32, 32), (255, 255, 255))
+
+    class Pipe:  # sample 0 is the real image (right), sample 1 a blank canvas (wrong)
+        encoder = None
+        reranker = object()
+
+        def generate_images(self, prompts, n, **kw):
+            by_caption = {r.meta["captions"]["detailed"]: r.image for r in recs}
+            return [SimpleNamespace(images=[by_caption[p], blank][:n]) for p in prompts]
+
+    cfg = EvalConfig(samples=2)
+    picked = eval_t2i(Pipe(), recs, cfg, rerank=True).metrics  # type: ignore[arg-type]
+    every = eval_t2i(Pipe(), recs, cfg, rerank=False).metrics  # type: ignore[arg-type]
+    assert picked["judge_all_correct_1obj"] == 1.0
+    assert every["judge_all_correct_1obj"] == 0.5
+
+
 def test_preset_rejects_bad_knobs():
     with pytest.raises(ValueError, match="eval_mode"):
         get_preset("smoke", eval_mode="beam")

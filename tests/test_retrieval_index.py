@@ -86,6 +86,14 @@ def test_ivf_with_all_lists_probed_is_exact():
     np.testing.assert_array_equal(ids, ref)
 
 
+def test_only_flat_counts_as_exact():
+    """A "Flat" index returns exact inner products (the retriever skips rescoring it)."""
+    x = clustered(300, 8, seed=6)
+    assert MemoryIndex.build(x).exact
+    assert not MemoryIndex.build(x, factory="IVF4,Flat", train_size=300).exact
+    assert not MemoryIndex.build(x, factory="HNSW8").exact
+
+
 def test_ivf_pq_and_hnsw_have_useful_recall():
     x, q = clustered(3000, 32, seed=6), clustered(50, 32, seed=7)
     _, ref = brute_force(x, q, 10)

@@ -104,7 +104,13 @@ class QuickstartPreset:
     eval_mode: str = "mix"
     eval_cd_k: int = 1
     eval_cd_alpha: float = 0.3
-    ablation_samples: int = 2  # images per prompt in each ablation run (the main t2i run uses eval_samples)
+    # Editing's image / text CFG scales. The paper's 1.5 / 7.5 gave 0% right edits (noise) on
+    # the default model; 1 / 1, 1.5 / 1.5 and 1.25 / 1.25 gave 22 / 20 / 27% and 19 / 19 / 28% on two
+    # SFT models (docs/sft.md, seventh session).
+    eval_edit_guidance: tuple[float, float] = (1.25, 1.25)
+    # Images per prompt in each ablation run (the main t2i run uses eval_samples). Runs without
+    # re-ranking judge every one of them, so more samples make those rates more precise.
+    ablation_samples: int = 4
     # Seed of pretraining and SFT (model init, batch order, CM3 spans). At this budget two
     # seeds of the same recipe can differ by 10 points on two-object prompts (docs/training.md,
     # sixth session): vary it to see the spread before trusting a difference.
@@ -142,7 +148,8 @@ PRESETS: dict[str, QuickstartPreset] = {
         name="smoke", n_train=600, n_val=24, text_vocab=384, vq_steps=60, vq_batch=8, vq_images=1200,
         vq_overrides={"ch": 8, "z_channels": 16, "codebook_size": 128, "num_groups": 4}, encoder_steps=20,
         model_preset="tiny", model_overrides={"max_seq_len": 384}, seq_len=320, n_retrieved=2, reranker_steps=10,
-        pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablations=True,
+        pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablation_samples=2,
+        ablations=True,
     ),
     "default": QuickstartPreset(
         # seq 320: two retrieved documents + a detailed caption + 64 image tokens fit, in
@@ -162,7 +169,12 @@ PRESETS: dict[str, QuickstartPreset] = {
         # run, 560 reached 69% (docs/sft.md, fifth session), while the pretrained model's
         # one-object text-to-image was far above its target, so SFT got steps from pretraining
         # (and a higher LR: 2e-3 gave VQA 55% vs 45% at 1e-3 after 480 steps).
-        seq_len=320, n_retrieved=2, pretrain_steps=850, sft_steps=480, sft_lr=2e-3, sft_records=1200,
+        # Batch 4 x 3400 steps, the same tokens and minutes as 16 x 850 (a 2-core CPU runs
+        # ~12k tokens/s at either size): at this budget more, noisier steps win by far
+        # (held-out image loss 0.19 vs 0.25-0.27, two-object all-correct 70% vs 11-22%;
+        # docs/training.md, seventh session).
+        seq_len=320, n_retrieved=2, pretrain_batch=4, pretrain_steps=3400, sft_steps=480, sft_lr=2e-3,
+        sft_records=1200,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
         # Main text-to-image evaluation: 16 CFG + top-p samples without retrieved documents,
         # re-ranked by a re-ranker trained on detailed captions. Measured (docs/training.md,
@@ -426,7 +438,7 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         sh = tokenize_dataset(d / "pretrain_view", text_tok, image_tok, d / "pretrain", overwrite=True)
         # Training neighbours: the paper's policy with query dropout, the query itself excluded.
         retriever = Retriever(MemoryBank.load(index["dir"]), load_encoder(enc["dir"]),
-                              RetrieverConfig(k_text=2, k_image=2, seed=0, overfetch=16))
+                              RetrieverConfig(k_text=2, k_image=2, seed=0, overfetch=64))
         ds = Dataset(data["train"], columns=["id", "image", "text", "meta"])
         recs = list(ds)
         got = retriever.retrieve(recs, query_ids=np.arange(len(recs)), training=True)
@@ -486,7 +498,7 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
         cfg = TrainConfig(steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr,
                           warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
-                          eval_batches=4, device=_device(p), seed=p.train_seed)
+                          eval_batches=4, eval_batch_size=16, device=_device(p), seed=p.train_seed)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, resume=_interrupted(d))
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "final_loss": res.losses[max(res.losses)] if res.losses else None}
@@ -508,7 +520,7 @@ def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any])
         cfg = TrainConfig(steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr,
                           warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
-                          eval_batches=4, device=_device(p), seed=p.train_seed)
+                          eval_batches=4, eval_batch_size=16, device=_device(p), seed=p.train_seed)
         val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1, target_infill_prob=p.sft_target_infill_prob,
                          target_shares=p.sft_shares)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
@@ -554,7 +566,8 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
         t2i_records = one + two
         cfg = EvalConfig(n=p.eval_n, samples=p.eval_samples, grid_dir=str(d / "grids"), batch_size=32,
                          top_p=p.eval_top_p, temperature=p.eval_temperature, retrieve=p.eval_retrieve,
-                         guidance=p.eval_guidance, mode=p.eval_mode, cd_k=p.eval_cd_k, cd_alpha=p.eval_cd_alpha)
+                         guidance=p.eval_guidance, mode=p.eval_mode, cd_k=p.eval_cd_k, cd_alpha=p.eval_cd_alpha,
+                         edit_image_guidance=p.eval_edit_guidance[0], edit_text_guidance=p.eval_edit_guidance[1])
         real = _real_features(pipe, data["val"])
         out: dict[str, Any] = {"tasks": {}, "ablations": {}}
         main = eval_t2i(pipe, t2i_records, cfg, name="t2i", real_features=real)
@@ -625,7 +638,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
     # The paper's text-to-image results and ablations are of the pretrained model (§3); SFT
     # is for the instructable tasks, so the ablations run here.
     eval_fields = ("eval_n", "eval_samples", "eval_top_p", "eval_temperature", "eval_retrieve", "eval_guidance",
-                   "eval_mode", "eval_cd_k", "eval_cd_alpha")
+                   "eval_mode", "eval_cd_k", "eval_cd_alpha", "eval_edit_guidance")
     ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=p.ablations,
                                                    tasks=("t2i", "caption", "vqa")),
                     (*eval_fields, "ablations", "ablation_samples"), after=("model_pretrained",))

@@ -71,9 +71,10 @@ def _ablation_table(ab: dict[str, Any]) -> str:
         f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(m.get(k, float('nan')))}</td>" for k in keys) + "</tr>"
         for name, m in ab.items()
     )
-    note = ("<p>Each row changes one knob of the main setting. cfg_*, retrieve_* and rerank_off judge one "
-            "CFG + top-p sample per prompt (no re-ranking); the sampling_* rows draw the ablation sample count "
-            "from each sample set and re-rank it; rerank_on is the main evaluation.</p>")
+    note = ("<p>Each row changes one knob of the main setting. cfg_*, retrieve_* and rerank_off judge every "
+            "CFG + top-p sample (the ablation sample count per prompt, no re-ranking: rates per sample); the "
+            "sampling_* rows draw that many from each sample set and judge the re-ranked pick; rerank_on is the "
+            "main evaluation.</p>")
     return f"{note}<table><tr><th>setting</th>{head}</tr>{body}</table>"
 
 
@@ -125,7 +126,8 @@ document{'' if preset.eval_retrieve == 1 else 's'}, CFG
 {preset.eval_samples} samples per prompt ({_sample_set(preset)}) re-ranked by CLIP score with
 {"a separate re-ranker (a dual encoder trained on detailed captions for " + str(preset.reranker_steps) + " steps)"
  if preset.reranker_steps else "the retrieval encoder"}; "all correct" means every attribute (shape, color, size, position) of every object right
-and the object count right.</p>
+and the object count right. Editing decodes with instruct-CFG {preset.eval_edit_guidance[0]:g} (image) /
+{preset.eval_edit_guidance[1]:g} (text); the other image tasks with CFG {preset.eval_guidance:g}.</p>
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
 {''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}
 {f'<h3>pretrained-only model, same prompts</h3><img src="{html.escape(pre_grid)}">' if pre_grid else ''}

@@ -33,6 +33,8 @@ def register(sub: Any) -> None:
                    help="retrieved documents in front of each text-to-image prompt (the quickstart uses 2)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the quickstart uses 0.5)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus cut (the quickstart uses 1.0)")
+    p.add_argument("--edit-guidance", type=float, nargs=2, default=(1.5, 7.5), metavar=("IMAGE", "TEXT"),
+                   help="editing's image and text CFG scales (default the paper's 1.5 7.5; the quickstart uses 1.25 1.25)")
     p.add_argument("--no-rerank", action="store_true")
     p.add_argument("--grids", default=None, help="write sample grids (PNG) into this directory")
     p.add_argument("--json", default=None, help="write metrics here")
@@ -57,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     pipe = CM3Leon.from_pretrained(args.model, device=args.device)
     cfg = EvalConfig(n=args.n, samples=args.samples, guidance=args.guidance, retrieve=args.retrieve,
                      temperature=args.temperature, top_p=args.top_p, rerank=not args.no_rerank, grid_dir=args.grids,
-                     mode=args.mode, cd_k=args.cd_k, cd_alpha=args.cd_alpha)
+                     mode=args.mode, cd_k=args.cd_k, cd_alpha=args.cd_alpha, edit_image_guidance=args.edit_guidance[0],
+                     edit_text_guidance=args.edit_guidance[1])
     results = run_eval(pipe, records, args.task or list(TASKS), cfg)
     out = {t: dataclasses.asdict(r) for t, r in results.items()}
     for t, r in results.items():

@@ -63,8 +63,9 @@ def register(sub: Any) -> None:
     e.add_argument("image")
     e.add_argument("instruction")
     _sampling_args(e)
-    e.add_argument("--image-guidance", type=float, default=1.5)
-    e.add_argument("--text-guidance", type=float, default=7.5)
+    e.add_argument("--image-guidance", type=float, default=1.5, help="image-stream CFG (default the paper's 1.5)")
+    e.add_argument("--text-guidance", type=float, default=7.5,
+                   help="text-stream CFG (default the paper's 7.5; quickstart models need about 1.25, see docs/sft.md)")
     e.set_defaults(func=_edit)
 
     k = sub.add_parser("control", help="edge/segmentation/depth-to-image", formatter_class=fmt,

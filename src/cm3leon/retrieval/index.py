@@ -88,6 +88,11 @@ class MemoryIndex:
         self.info: dict[str, Any] = dict(info or {})
         self._rebuild_lookup()
 
+    @property
+    def exact(self) -> bool:
+        """True for an exhaustive index ("Flat"), whose search scores are exact inner products."""
+        return self.factory.replace(" ", "") == "Flat"
+
     # ---- construction --------------------------------------------------------------
     @classmethod
     def empty(cls, dim: int, *, factory: str = "Flat", encoder_name: str | None = None) -> MemoryIndex:

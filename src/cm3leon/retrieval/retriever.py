@@ -18,7 +18,7 @@ Candidates are over-fetched (``overfetch`` x k) and re-fetched with a larger k f
 the filters left short, so a row is filled whenever the bank allows it (up to
 ``max_fetch`` candidates). With ``exact_rescore`` the candidates' scores are recomputed
 exactly from the stored document vectors, so with an approximate index (IVF-PQ, HNSW)
-the thresholds still apply to true cosines.
+the thresholds still apply to true cosines (an exact "Flat" index needs no rescoring).
 """
 
 from __future__ import annotations
@@ -308,9 +308,9 @@ class Retriever:
                 if len(rows):
                     sc, ii = self.bank.index.search(q[rows], min(fetch, len(self.bank)))
                     cand[name] = dict(zip(rows.tolist(), zip(sc, ii)))
-            emb, multi = self._lookup(cand)
-            if cfg.exact_rescore:
-                self._rescore(cand, {"text": text_q, "image": image_q}, emb)
+            table, multi_table, pos = self._lookup(cand)
+            if cfg.exact_rescore and not self.bank.index.exact:
+                self._rescore(cand, {"text": text_q, "image": image_q}, table, pos)
             short = []
             for r in pending.tolist():
                 row_stats = PolicyStats()
@@ -320,18 +320,20 @@ class Retriever:
                     if quota == 0:
                         continue
                     sc, ii = cand[name][r]
+                    at = pos(ii)
+                    emb, multi = table[at], multi_table[at]
                     picks = select_candidates(
-                        ii, sc, emb(ii), multi(ii), k=quota, cfg=cfg, query_id=int(qids[r]),
+                        ii, sc, emb, multi, k=quota, cfg=cfg, query_id=int(qids[r]),
                         avoid_emb=np.array(avoid) if avoid else None, picked_ids=taken, stats=row_stats,
                     )
                     for j in picks:
                         taken.add(int(ii[j]))
                         out_ids[r, col], out_scores[r, col] = ii[j], sc[j]
-                        avoid.append(emb(ii[j : j + 1])[0])
+                        avoid.append(emb[j])
                         col += 1
                         row_stats.picked += 1
                         row_stats.relevance_sum += float(sc[j])
-                        row_stats.unimodal_picked += int(not multi(ii[j : j + 1])[0])
+                        row_stats.unimodal_picked += int(not multi[j])
                     if len(picks) < quota and ii[-1] >= 0 and len(ii) < len(self.bank):
                         exhausted = False
                 if exhausted or fetch >= min(cfg.max_fetch, len(self.bank)):
@@ -343,18 +345,19 @@ class Retriever:
             fetch = min(fetch * 4, cfg.max_fetch)
 
     @staticmethod
-    def _rescore(cand: dict, queries: dict[str, np.ndarray], emb) -> None:
+    def _rescore(cand: dict, queries: dict[str, np.ndarray], table: np.ndarray, pos) -> None:
         """Replace approximate index scores (IVF-PQ, HNSW) by exact inner products with the
         stored document vectors and re-sort, so relevance thresholds mean the same thing
         whatever the index type."""
         for name, rows in cand.items():
             for r, (_, ii) in rows.items():
-                exact = np.where(ii >= 0, emb(ii) @ queries[name][r], -np.inf).astype(np.float32)
+                exact = np.where(ii >= 0, table[pos(ii)] @ queries[name][r], -np.inf).astype(np.float32)
                 order = np.argsort(-exact, kind="stable")
                 rows[r] = (exact[order], ii[order])
 
     def _lookup(self, cand: dict):
-        """Embedding and multi-modality lookups for every candidate id of a batch."""
+        """Tables of the embeddings and multi-modality of every candidate id of a batch, and
+        the map from ids to their rows (-1 ids map to a zero / False sentinel row)."""
         all_ids = np.concatenate([ii for d in cand.values() for _, ii in d.values()] or [np.zeros(0, np.int64)])
         uniq = np.unique(all_ids[all_ids >= 0])
         rows = self.bank.index.rows_of(uniq)
@@ -367,7 +370,7 @@ class Retriever:
             p = np.searchsorted(uniq, ids)
             return np.where(ids >= 0, p, len(uniq))  # -1 ids map to the zero/False sentinel row
 
-        return (lambda ids: table[pos(ids)]), (lambda ids: mm[pos(ids)])
+        return table, mm, pos
 
 
 def _seed_id(query_id: int, text: str) -> int:

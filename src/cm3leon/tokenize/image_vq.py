@@ -443,8 +443,28 @@ class ImageTokenizer(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images Float[B,3,H,W] in [-1,1] (H = W = resolution) -> codes Long[B, L]."""
         self._check_images(x)
+        if self.cfg.patch_local and not (self.training and self.cfg.dropout > 0):
+            return self._encode_unique_patches(x)
         _, q = self.quantize_latents(x)
         return q.indices.flatten(1)
+
+    def _encode_unique_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of a patch-local tokenizer, computing each distinct patch once.
+
+        A patch's code depends on its pixels only (per-sample norms, pointwise quantizer),
+        and synthetic or flat images repeat patches a lot (a Shapes batch has ~10x fewer
+        distinct 4x4 patches than patches), so this is exact and several times faster.
+        """
+        f = self.cfg.downsample_factor
+        b, c = x.shape[:2]
+        patches = x.unfold(2, f, f).unfold(3, f, f)  # (B, C, h, w, f, f)
+        gh, gw = patches.shape[2], patches.shape[3]
+        flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * gh * gw, c * f * f)
+        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        h = self.encoder(uniq.view(-1, c, f, f))  # (U, z, 1, 1)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            q = self.quantize(self.quant_conv(h.float()))
+        return q.indices.view(-1)[inverse].view(b, gh * gw)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
