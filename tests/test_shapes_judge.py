@@ -157,3 +157,16 @@ def test_bad_arguments():
         judge(img, "a red circle", check=("colour",))
     with pytest.raises(ValueError, match="square"):
         detect_objects(Image.new("RGB", (32, 16)))
+
+
+def test_repeated_small_images_are_detected_once(scenes):
+    from cm3leon.eval.shapes_judge import _detect_small
+
+    scene = next(s for s in scenes if s.size == 32)
+    img = render(scene)
+    copy = Image.frombytes("RGB", img.size, img.convert("RGB").tobytes())  # same pixels, another object
+    before = _detect_small.cache_info().hits
+    first, second = judge(img, _specs(scene)), judge(copy, _specs(scene))
+    assert _detect_small.cache_info().hits > before
+    assert first == second
+    assert list(first.detected) == detect_objects(img)  # the memo returns what detection gives
