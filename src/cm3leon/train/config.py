@@ -367,7 +367,7 @@ def quickstart() -> RunConfig:
         train=TrainConfig(
             steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr, warmup_steps=p.pretrain_steps // 20,
             decay="cosine", log_every=max(1, p.pretrain_steps // 50), eval_every=p.pretrain_steps // 2, eval_batches=4,
-            ckpt_every=p.pretrain_steps // 2,
+            eval_batch_size=16, ckpt_every=p.pretrain_steps // 2,
         ),
         data=DataConfig(train="shards/pretrain", seq_len=p.seq_len, options={"n_retrieved": p.n_retrieved}),
     )
