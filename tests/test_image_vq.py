@@ -257,6 +257,18 @@ def test_patch_local_encode_of_distinct_patches_equals_the_full_map():
     assert torch.equal(m.encode(x[2:3]), full[2:3])  # batch composition does not matter
 
 
+def test_unique_rows_groups_exactly():
+    from cm3leon.tokenize.image_vq import _unique_rows
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(7, 12, generator=g)
+    x = base[torch.randint(0, 7, (50,), generator=g)]
+    x[3, 5] = -0.25  # one row differs from its copies in a single value
+    uniq, inverse = _unique_rows(x)
+    assert torch.equal(uniq[inverse], x)
+    assert len(uniq) == len(torch.unique(x, dim=0))
+
+
 def test_channel_norm_is_local_layer_norm_over_channels():
     from cm3leon.tokenize.image_vq import ChannelNorm
 
