@@ -216,12 +216,16 @@ def test_error_weighted_restart_targets_poorly_fitted_latents():
         q.restart_dead_codes(white, threshold=1.0, sampling="nope")
 
 
-def test_patch_local_encoder_gives_identical_patches_identical_codes():
-    cfg = dataclasses.replace(TINY, attn_resolutions=(), mid_attn=False, patch_local=True)
+def _patch_local_tokenizer() -> ImageTokenizer:
+    """A randomly initialised TINY tokenizer whose encoder sees each patch alone, in eval mode."""
     torch.manual_seed(0)
-    m = ImageTokenizer(cfg)
+    m = ImageTokenizer(dataclasses.replace(TINY, attn_resolutions=(), mid_attn=False, patch_local=True))
     _randomize(m)
-    m.eval()
+    return m.eval()
+
+
+def test_patch_local_encoder_gives_identical_patches_identical_codes():
+    m = _patch_local_tokenizer()
     x = torch.ones(2, 3, 16, 16)  # white canvases ...
     x[0, :, 0:2, 0:2] = -1.0  # ... with something in one corner patch of the first
     x[1, :, 8:16, 8:16] = torch.rand(3, 8, 8) * 2 - 1  # and noise in a quarter of the second
@@ -240,11 +244,7 @@ def test_patch_local_encoder_gives_identical_patches_identical_codes():
 
 def test_patch_local_encode_of_distinct_patches_equals_the_full_map():
     """encode() computes each distinct patch once; the codes equal the whole batch's map."""
-    cfg = dataclasses.replace(TINY, attn_resolutions=(), mid_attn=False, patch_local=True)
-    torch.manual_seed(0)
-    m = ImageTokenizer(cfg)
-    _randomize(m)
-    m.eval()
+    m = _patch_local_tokenizer()
     x = torch.ones(4, 3, 16, 16)
     x[0, :, 2:10, 4:12] = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)  # a flat red square
     x[1] = x[0].roll(4, dims=2)  # the same square moved by whole patches

@@ -111,9 +111,8 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
     if mode not in IMAGE_SAMPLE_MODES:
         raise ValueError(f"unknown text-to-image sampling mode {mode!r}; choose one of {IMAGE_SAMPLE_MODES}")
     guidance = cfg.guidance if guidance is None else guidance
-    rerank = cfg.rerank if rerank is None else rerank
+    rerank = (cfg.rerank if rerank is None else rerank) and pipe.reranker is not None
     retrieve = cfg.retrieve if retrieve is None else retrieve
-    rerank = rerank and pipe.reranker is not None
     prompts = [r.meta["captions"]["detailed"] for r in records]
     best: list[Image.Image] = []
     all_samples: list[list[Image.Image]] = []
@@ -129,8 +128,7 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
             all_samples.append(r.images)
     # Re-ranked: the pick of each prompt is judged. Not re-ranked: every sample is (the
     # per-sample rate), which makes a sampling ablation precise at no extra decoding cost.
-    judged = [(im, r) for im, r in zip(best, records)] if rerank else \
-        [(im, r) for ims, r in zip(all_samples, records) for im in ims]
+    judged = list(zip(best, records)) if rerank else [(im, r) for ims, r in zip(all_samples, records) for im in ims]
     verdicts = [judge(im, _objects(r.meta["objects"]), check=T2I_CHECKS) for im, r in judged]
     n_obj = np.array([len(r.meta["objects"]) for _, r in judged])
     ok = np.array([v.all_correct for v in verdicts], float)
