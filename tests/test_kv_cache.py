@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -215,12 +217,13 @@ def test_image_index_hand_example():
     assert image_index(ids, 60, 3).tolist() == [[-1, -1, 0, 1, 2, 0, -1, 0, 1, -1]]
 
 
-@pytest.mark.parametrize("static,axial", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("static,axial,rope", [(False, False, 0), (False, True, 0), (True, False, 0), (True, True, 0),
+                                               (False, True, 4), (True, False, 6)])
 @torch.no_grad()
-def test_image_position_embedding_cached_equals_full_forward(static, axial):
+def test_image_position_embedding_cached_equals_full_forward(static, axial, rope):
     """The cache tracks each row's place in its image across prefill and decode steps."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
-                      image_vocab=10, image_axial=axial)
+                      image_vocab=10, image_axial=axial, image_rope_dims=rope)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     for p in m.parameters():
@@ -267,6 +270,46 @@ def test_forward_takes_explicit_image_places():
     torch.testing.assert_close(plain(ids, image_idx=true), plain(ids))  # ignored without the embedding
 
 
+@torch.no_grad()
+def test_image_rotary_scores_depend_on_place_difference_only():
+    """q.k of two image tokens depends on their place difference; other tokens are not rotated."""
+    from cm3leon.model.transformer import apply_rotary, image_rotary
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 8, generator=g), torch.randn(1, 1, 8, generator=g)  # (B, T, hd)
+
+    def score(a: int, b: int) -> float:
+        rope_a, rope_b = image_rotary(torch.tensor([[a]]), 6, 16.0), image_rotary(torch.tensor([[b]]), 6, 16.0)
+        return float((apply_rotary(q, rope_a) * apply_rotary(k, rope_b)).sum())
+
+    assert score(0, 3) == pytest.approx(score(5, 8), abs=1e-5) == pytest.approx(score(9, 12), abs=1e-5)
+    assert score(0, 3) != pytest.approx(score(0, 4), abs=1e-3)
+    torch.testing.assert_close(apply_rotary(q, image_rotary(torch.tensor([[-1]]), 6, 16.0)), q)  # not an image token
+    torch.testing.assert_close(apply_rotary(q, image_rotary(torch.tensor([[3]]), 6, 16.0))[..., 6:], q[..., 6:])
+
+
+def test_image_rotary_model_trains_with_checkpointing():
+    """The rotation reaches every block, with and without activation checkpointing."""
+    cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
+                      image_vocab=10, image_rope_dims=8)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.1)
+    ids = torch.tensor([[1, 5, 2, 60, 61, 62, 63, 2, 64, 65, 66, 67]])
+    m.train()
+    plain = m(ids)
+    m.gradient_checkpointing = True
+    ckpt = m(ids)
+    torch.testing.assert_close(ckpt, plain)
+    ckpt.sum().backward()
+    assert all(p.grad is not None for p in m.blocks.parameters())
+    off = Transformer(dataclasses.replace(cfg, image_rope_dims=0))
+    off.load_state_dict(m.state_dict())
+    assert not torch.allclose(off(ids), plain)  # the rotation changes image tokens' attention
+
+
 def test_image_position_embedding_config_and_export_errors():
     with pytest.raises(ValueError, match="both"):
         ModelConfig(vocab_size=70, image_tokens=4)
@@ -274,6 +317,11 @@ def test_image_position_embedding_config_and_export_errors():
         ModelConfig(vocab_size=70, image_tokens=6, image_vocab=10, image_axial=True)
     with pytest.raises(ValueError, match="square"):
         ModelConfig(vocab_size=70, image_axial=True)
+    for bad in (3, 10):  # odd; larger than head_dim 8
+        with pytest.raises(ValueError, match="image_rope_dims"):
+            ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_tokens=4, image_vocab=10, image_rope_dims=bad)
+    with pytest.raises(ValueError, match="image_rope_dims"):
+        ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_rope_dims=4)  # no image_tokens
     from cm3leon.model.hf import to_opt_config
 
     with pytest.raises(ValueError, match="OPT"):

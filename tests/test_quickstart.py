@@ -164,12 +164,16 @@ def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
     seen = {}
 
     def fake_run(out, preset, force=False):
-        seen["seed"] = preset.train_seed
+        seen["seed"], seen["sft_steps"] = preset.train_seed, preset.sft_steps
         return {"metrics": [], "stage_seconds": {}}
 
     monkeypatch.setattr(quickstart, "run_quickstart", fake_run)
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--seed", "3"]) == 0
-    assert seen["seed"] == 3
+    assert seen == {"seed": 3, "sft_steps": quickstart.get_preset("smoke").sft_steps}
+    assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "40"]) == 0
+    assert seen == {"seed": 0, "sft_steps": 40}
+    with pytest.raises(SystemExit, match="sft-steps"):
+        main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "0"])
 
 
 def test_t2i_grid_shows_every_object_count():

@@ -48,6 +48,13 @@ class ModelConfig:
     # row/column vector is trained by every token of that row/column, so "on the left" is
     # one thing to learn instead of one per place.
     image_axial: bool = False
+    # NOT in the paper (0 = off): rotate the first image_rope_dims dims of every head's queries
+    # and keys of image tokens by the token's place in its image (rotary embedding over the
+    # flat place 0..image_tokens-1, base image_tokens; other tokens are not rotated). The
+    # score of two image tokens then depends on their place difference, so "look at the same
+    # place in the other image" (editing, edge/seg/depth-to-image, retrieved neighbours) is
+    # one fixed rotation to learn instead of one query/key match per place.
+    image_rope_dims: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -60,6 +67,10 @@ class ModelConfig:
         if self.image_axial and (not self.image_tokens or math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
             raise ValueError(f"image_axial needs image_tokens to be a square number (a square image grid), "
                              f"got image_tokens={self.image_tokens}")
+        if self.image_rope_dims and (not self.image_tokens or self.image_rope_dims % 2 or self.image_rope_dims < 0
+                                     or self.image_rope_dims > self.d_model // self.n_heads):
+            raise ValueError(f"image_rope_dims must be 0 (off) or an even number <= head_dim="
+                             f"{self.d_model // self.n_heads} with image_tokens > 0, got {self.image_rope_dims}")
         if self.image_vocab >= self.vocab_size:
             raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:

@@ -84,6 +84,9 @@ class QuickstartPreset:
     # with the paper's up/down thresholds (3 / 0.3; SFTDataset prints the table).
     sft_shares: dict[str, float] | None = None
     eval_n: int = 64
+    # Records per instructable task (caption, VQA, edit, control, grounding; at most n_val):
+    # one image or answer each, so 256 cost seconds and narrow the 64-record noise (+-6 points).
+    eval_tasks_n: int = 256
     eval_samples: int = 4
     # Nucleus cut for evaluation sampling. With a dominant background code a 0.9 cut removes
     # the rare "an object starts here" tokens and a weak model then draws blank canvases.
@@ -575,7 +578,7 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
         main = eval_t2i(pipe, t2i_records, cfg, name="t2i", real_features=real)
         out["tasks"]["t2i"] = dataclasses.asdict(main)
         others = [t for t in tasks if t != "t2i"]
-        for name, res in run_eval(pipe, records, others, cfg).items():
+        for name, res in run_eval(pipe, records, others, dataclasses.replace(cfg, n=p.eval_tasks_n)).items():
             out["tasks"][name] = dataclasses.asdict(res)
         if ablations:
             quiet = dataclasses.replace(cfg, grid_dir=None, samples=p.ablation_samples)
@@ -639,7 +642,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                      after=("pretrain", *with_reranker))
     # The paper's text-to-image results and ablations are of the pretrained model (§3); SFT
     # is for the instructable tasks, so the ablations run here.
-    eval_fields = ("eval_n", "eval_samples", "eval_top_p", "eval_temperature", "eval_retrieve", "eval_guidance",
+    eval_fields = ("eval_n", "eval_tasks_n", "eval_samples", "eval_top_p", "eval_temperature", "eval_retrieve", "eval_guidance",
                    "eval_mode", "eval_cd_k", "eval_cd_alpha", "eval_edit_guidance")
     ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=p.ablations,
                                                    tasks=("t2i", "caption", "vqa")),

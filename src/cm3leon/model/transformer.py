@@ -39,6 +39,26 @@ def positions_from_valid(valid: Tensor) -> Tensor:
     return ((v.cumsum(dim=1) - 1) * v).clamp_(min=0)
 
 
+def image_rotary(image_idx: Tensor, dims: int, base: float) -> tuple[Tensor, Tensor]:
+    """(cos, sin) Float[B, T, dims // 2] rotating each image token by its place in its image;
+    tokens outside images (``image_idx`` -1) get angle 0, i.e. no rotation."""
+    inv_freq = base ** (-torch.arange(0, dims, 2, device=image_idx.device, dtype=torch.float32) / dims)
+    angle = image_idx.clamp_min(0).to(torch.float32)[..., None] * inv_freq  # (B, T, dims // 2)
+    angle = angle * (image_idx >= 0)[..., None]
+    return angle.cos(), angle.sin()
+
+
+def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x`` Float[B, T, ..., hd] (halves paired);
+    ``cos``/``sin`` Float[B, T, r/2] broadcast over the dims between T and hd."""
+    cos, sin = rope
+    shape = (*cos.shape[:2], *([1] * (x.dim() - 3)), cos.shape[-1])
+    cos, sin = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
+    h = cos.shape[-1]
+    x1, x2 = x[..., :h], x[..., h : 2 * h]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * h :]), dim=-1)
+
+
 def padded_causal_mask(valid: Tensor) -> Tensor:
     """Bool[B, 1, T, T] attention mask: causal, never attending to pad keys.
 
@@ -67,12 +87,18 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         kv: tuple[Tensor, Tensor] | None = None,
         slots: Tensor | int | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        qkv = self.qkv(x)
+        if rope is None:
+            q, k, v = qkv.split(C, dim=2)
+        else:  # rotate q and k in one pass: (B, T, 2, nh, hd)
+            qk = apply_rotary(qkv[..., : 2 * C].view(B, T, 2, self.n_heads, self.head_dim), rope)
+            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[..., 2 * C :]
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         if kv is not None:
             k_buf, v_buf = kv  # (B, nh, S, hd)
             if isinstance(slots, int):
@@ -126,8 +152,9 @@ class Block(nn.Module):
         attn_mask: Tensor | None = None,
         kv: tuple[Tensor, Tensor] | None = None,
         slots: Tensor | int | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln1(x), attn_mask, kv, slots)
+        x = x + self.attn(self.ln1(x), attn_mask, kv, slots, rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -201,6 +228,14 @@ class Transformer(nn.Module):
             x = x + emb * (image_idx >= 0).unsqueeze(-1).to(x.dtype)
         return x
 
+    def rotary(self, ids: Tensor, image_idx: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """The image-place rotation of ``ids``' queries and keys (None unless ``cfg.image_rope_dims``)."""
+        if not self.cfg.image_rope_dims:
+            return None
+        if image_idx is None:
+            image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
+        return image_rotary(image_idx, self.cfg.image_rope_dims, float(self.cfg.image_tokens))
+
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
         if ids.dim() != 2:
             raise ValueError(f"ids must be Long[B, T], got shape {tuple(ids.shape)}")
@@ -231,12 +266,15 @@ class Transformer(nn.Module):
         attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
         if image_idx is not None and image_idx.shape != ids.shape:
             raise ValueError(f"image_idx shape {tuple(image_idx.shape)} must equal ids shape {tuple(ids.shape)}")
+        if self.cfg.image_tokens and image_idx is None:
+            image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
         x = self.embed(ids, positions, image_idx)  # (B, T, C); image_idx is unused without image_tokens
+        rope = self.rotary(ids, image_idx)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, None, None, rope, use_reentrant=False)
             else:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, rope=rope)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     def forward_decode(
@@ -262,11 +300,13 @@ class Transformer(nn.Module):
         C, nh, hd = self.cfg.d_model, self.cfg.n_heads, self.cfg.head_dim
         act = F.relu if self.cfg.activation == "relu" else F.gelu
         x = self.embed(ids, positions, image_idx).view(B, C)  # (B, C)
+        rope = self.rotary(ids, image_idx)
         for block, (k_buf, v_buf) in zip(self.blocks, kv):
             qkv = F.linear(F.layer_norm(x, (C,)), block.attn.qkv.weight).view(B, 3, nh, hd)
-            k_buf[:, :, slot].copy_(qkv[:, 1])  # (B, nh, hd) into slot
+            qk = qkv[:, :2] if rope is None else apply_rotary(qkv[:, None, :2], rope)[:, 0]  # (B, 2, nh, hd)
+            k_buf[:, :, slot].copy_(qk[:, 1])  # (B, nh, hd) into slot
             v_buf[:, :, slot].copy_(qkv[:, 2])
-            q = qkv[:, 0].unsqueeze(2)  # (B, nh, 1, hd)
+            q = qk[:, 0].unsqueeze(2)  # (B, nh, 1, hd)
             if q.dtype != k_buf.dtype:
                 q = q.to(k_buf.dtype)
             y = F.scaled_dot_product_attention(q, k_buf[:, :, : slot + 1], v_buf[:, :, : slot + 1], attn_mask=attn_mask)
@@ -305,8 +345,9 @@ class Transformer(nn.Module):
         image (models with ``image_tokens``; the cache tracks it across steps).
         """
         x = self.embed(ids, positions, image_idx)  # (B, T, C)
+        rope = self.rotary(ids, image_idx)
         for block, layer_kv in zip(self.blocks, kv):
-            x = block(x, attn_mask, layer_kv, slots)
+            x = block(x, attn_mask, layer_kv, slots, rope)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         if head_window is not None:
