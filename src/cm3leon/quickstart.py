@@ -176,6 +176,9 @@ PRESETS: dict[str, QuickstartPreset] = {
         # ~12k tokens/s at either size): at this budget more, noisier steps win by far
         # (held-out image loss 0.19 vs 0.25-0.27, two-object all-correct 70% vs 11-22%;
         # docs/training.md, seventh session).
+        # SFT length is what VQA and captions need (480 / 960 / 1920 steps: VQA 54 / 76 / 86%,
+        # captions 59 / 75 / 88%; docs/sft.md, eighth session), but 1920 steps cost ~10 more
+        # minutes than the budget has: `cm3leon quickstart --sft-steps 1920` reruns SFT alone.
         seq_len=320, n_retrieved=2, pretrain_batch=4, pretrain_steps=3400, sft_steps=480, sft_lr=2e-3,
         sft_records=1200,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
