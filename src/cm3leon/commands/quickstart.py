@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
                    "to show the run-to-run spread")
     p.add_argument("--sft-steps", type=int, default=None,
                    help="SFT steps (default: the preset's; 480 for default). A rerun with more steps redoes only SFT "
-                   "and its evaluation: 1920 takes ~13 more minutes on 2 cores (docs/sft.md)")
+                   "and its evaluation: 1920 takes ~10 more minutes on 2 cores (docs/sft.md)")
     p.set_defaults(func=_run)
 
 
