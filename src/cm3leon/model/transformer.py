@@ -217,9 +217,8 @@ class Transformer(nn.Module):
         ``image_idx`` Long[B, T] (see :func:`image_index`) defaults to one computed from ``ids``.
         """
         x = self.tok_emb(ids) + self.pos_emb(positions)
-        if self.cfg.image_tokens:
-            if image_idx is None:
-                image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
+        image_idx = self.image_places(ids, image_idx)
+        if image_idx is not None:
             place = image_idx.clamp_min(0)
             emb = self.image_pos_emb(place)
             if self.cfg.image_axial:
@@ -228,12 +227,18 @@ class Transformer(nn.Module):
             x = x + emb * (image_idx >= 0).unsqueeze(-1).to(x.dtype)
         return x
 
-    def rotary(self, ids: Tensor, image_idx: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """The image-place rotation of ``ids``' queries and keys (None unless ``cfg.image_rope_dims``)."""
-        if not self.cfg.image_rope_dims:
+    def image_places(self, ids: Tensor, image_idx: Tensor | None) -> Tensor | None:
+        """``image_idx``, else each token's place computed from ``ids`` (:func:`image_index`);
+        None for models without ``image_tokens``."""
+        if not self.cfg.image_tokens:
+            return None  # places are ignored without the embedding
+        return image_index(ids, self.first_image_id, self.cfg.image_tokens) if image_idx is None else image_idx
+
+    def rotary(self, image_idx: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """The image-place rotation of queries and keys for places ``image_idx`` (from
+        :meth:`image_places`); None unless ``cfg.image_rope_dims``."""
+        if not self.cfg.image_rope_dims or image_idx is None:
             return None
-        if image_idx is None:
-            image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
         return image_rotary(image_idx, self.cfg.image_rope_dims, float(self.cfg.image_tokens))
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
@@ -266,10 +271,9 @@ class Transformer(nn.Module):
         attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
         if image_idx is not None and image_idx.shape != ids.shape:
             raise ValueError(f"image_idx shape {tuple(image_idx.shape)} must equal ids shape {tuple(ids.shape)}")
-        if self.cfg.image_tokens and image_idx is None:
-            image_idx = image_index(ids, self.first_image_id, self.cfg.image_tokens)
+        image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx)  # (B, T, C); image_idx is unused without image_tokens
-        rope = self.rotary(ids, image_idx)
+        rope = self.rotary(image_idx)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, None, None, rope, use_reentrant=False)
@@ -299,8 +303,9 @@ class Transformer(nn.Module):
         B = ids.shape[0]
         C, nh, hd = self.cfg.d_model, self.cfg.n_heads, self.cfg.head_dim
         act = F.relu if self.cfg.activation == "relu" else F.gelu
+        image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx).view(B, C)  # (B, C)
-        rope = self.rotary(ids, image_idx)
+        rope = self.rotary(image_idx)
         for block, (k_buf, v_buf) in zip(self.blocks, kv):
             qkv = F.linear(F.layer_norm(x, (C,)), block.attn.qkv.weight).view(B, 3, nh, hd)
             qk = qkv[:, :2] if rope is None else apply_rotary(qkv[:, None, :2], rope)[:, 0]  # (B, 2, nh, hd)
@@ -344,8 +349,9 @@ class Transformer(nn.Module):
         one modality needs no others. ``image_idx`` Long[B, T]: each new token's place in its
         image (models with ``image_tokens``; the cache tracks it across steps).
         """
+        image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx)  # (B, T, C)
-        rope = self.rotary(ids, image_idx)
+        rope = self.rotary(image_idx)
         for block, layer_kv in zip(self.blocks, kv):
             x = block(x, attn_mask, layer_kv, slots, rope)
         if last_only:
