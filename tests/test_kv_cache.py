@@ -217,13 +217,15 @@ def test_image_index_hand_example():
     assert image_index(ids, 60, 3).tolist() == [[-1, -1, 0, 1, 2, 0, -1, 0, 1, -1]]
 
 
-@pytest.mark.parametrize("static,axial,rope", [(False, False, 0), (False, True, 0), (True, False, 0), (True, True, 0),
-                                               (False, True, 4), (True, False, 6)])
+@pytest.mark.parametrize("static,axial,rope,pairs", [(False, False, 0, False), (False, True, 0, False),
+                                                     (True, False, 0, False), (True, True, 0, False),
+                                                     (False, True, 4, False), (True, False, 6, False),
+                                                     (False, False, 4, True), (True, True, 8, True)])
 @torch.no_grad()
-def test_image_position_embedding_cached_equals_full_forward(static, axial, rope):
+def test_image_position_embedding_cached_equals_full_forward(static, axial, rope, pairs):
     """The cache tracks each row's place in its image across prefill and decode steps."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
-                      image_vocab=10, image_axial=axial, image_rope_dims=rope)
+                      image_vocab=10, image_axial=axial, image_rope_dims=rope, image_rope_pairs_only=pairs)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     for p in m.parameters():
@@ -288,6 +290,26 @@ def test_image_rotary_scores_depend_on_place_difference_only():
     torch.testing.assert_close(apply_rotary(q, image_rotary(torch.tensor([[3]]), 6, 16.0))[..., 6:], q[..., 6:])
 
 
+@torch.no_grad()
+def test_image_rotary_pairs_only_zeroes_text_tokens_rope_dims():
+    """pairs_only: image tokens rotate as before; text tokens' first ``dims`` dims are zeroed, so
+    their scores with any token ignore those dims while the other dims pass unchanged."""
+    from cm3leon.model.transformer import apply_rotary, image_rotary
+
+    x = torch.randn(1, 3, 2, 8, generator=torch.Generator().manual_seed(1))  # (B, T, heads, hd)
+    places = torch.tensor([[-1, 2, 5]])
+    pairs = apply_rotary(x, image_rotary(places, 6, 16.0, pairs_only=True))
+    plain = apply_rotary(x, image_rotary(places, 6, 16.0))
+    torch.testing.assert_close(pairs[:, 1:], plain[:, 1:])  # image tokens: the same rotation
+    assert pairs[:, 0, :, :6].abs().max() == 0  # text token: rope dims zeroed
+    torch.testing.assert_close(pairs[:, 0, :, 6:], x[:, 0, :, 6:])  # ... and only those
+    # a text query's score with an image key no longer depends on the key's place
+    q_text = pairs[:, 0]
+    k_a = apply_rotary(x[:, 1:2], image_rotary(torch.tensor([[2]]), 6, 16.0, pairs_only=True))[:, 0]
+    k_b = apply_rotary(x[:, 1:2], image_rotary(torch.tensor([[7]]), 6, 16.0, pairs_only=True))[:, 0]
+    torch.testing.assert_close((q_text * k_a).sum(-1), (q_text * k_b).sum(-1))
+
+
 def test_image_rotary_model_trains_with_checkpointing():
     """The rotation reaches every block, with and without activation checkpointing."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
@@ -322,6 +344,8 @@ def test_image_position_embedding_config_and_export_errors():
             ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_tokens=4, image_vocab=10, image_rope_dims=bad)
     with pytest.raises(ValueError, match="image_rope_dims"):
         ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_rope_dims=4)  # no image_tokens
+    with pytest.raises(ValueError, match="image_rope_pairs_only needs image_rope_dims"):
+        ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_tokens=4, image_vocab=10, image_rope_pairs_only=True)
     from cm3leon.model.hf import to_opt_config
 
     with pytest.raises(ValueError, match="OPT"):

@@ -55,6 +55,11 @@ class ModelConfig:
     # place in the other image" (editing, edge/seg/depth-to-image, retrieved neighbours) is
     # one fixed rotation to learn instead of one query/key match per place.
     image_rope_dims: int = 0
+    # With image_rope_dims: zero those dims of text tokens' queries and keys, so only
+    # image-to-image scores use them (relative place only) while image-to-text and text-to-text
+    # scores ignore them; without this, a rotated image query meets unrotated text keys and
+    # its text attention shifts with its place.
+    image_rope_pairs_only: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -71,6 +76,8 @@ class ModelConfig:
                                      or self.image_rope_dims > self.d_model // self.n_heads):
             raise ValueError(f"image_rope_dims must be 0 (off) or an even number <= head_dim="
                              f"{self.d_model // self.n_heads} with image_tokens > 0, got {self.image_rope_dims}")
+        if self.image_rope_pairs_only and not self.image_rope_dims:
+            raise ValueError("image_rope_pairs_only needs image_rope_dims > 0 (the dims it reserves for image pairs)")
         if self.image_vocab >= self.vocab_size:
             raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:

@@ -39,13 +39,17 @@ def positions_from_valid(valid: Tensor) -> Tensor:
     return ((v.cumsum(dim=1) - 1) * v).clamp_(min=0)
 
 
-def image_rotary(image_idx: Tensor, dims: int, base: float) -> tuple[Tensor, Tensor]:
-    """(cos, sin) Float[B, T, dims // 2] rotating each image token by its place in its image;
-    tokens outside images (``image_idx`` -1) get angle 0, i.e. no rotation."""
+def image_rotary(image_idx: Tensor, dims: int, base: float, pairs_only: bool = False) -> tuple[Tensor, Tensor]:
+    """(cos, sin) Float[B, T, dims // 2] rotating each image token by its place in its image.
+    Tokens outside images (``image_idx`` -1) get angle 0, i.e. no rotation, or with
+    ``pairs_only`` cos = sin = 0, i.e. those dims zeroed, so only image pairs score on them."""
     inv_freq = base ** (-torch.arange(0, dims, 2, device=image_idx.device, dtype=torch.float32) / dims)
-    angle = image_idx.clamp_min(0).to(torch.float32)[..., None] * inv_freq  # (B, T, dims // 2)
-    angle = angle * (image_idx >= 0)[..., None]
-    return angle.cos(), angle.sin()
+    is_img = (image_idx >= 0)[..., None]
+    angle = image_idx.clamp_min(0).to(torch.float32)[..., None] * inv_freq * is_img  # (B, T, dims // 2)
+    cos, sin = angle.cos(), angle.sin()
+    if pairs_only:
+        cos, sin = cos * is_img, sin * is_img
+    return cos, sin
 
 
 def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -239,7 +243,8 @@ class Transformer(nn.Module):
         :meth:`image_places`); None unless ``cfg.image_rope_dims``."""
         if not self.cfg.image_rope_dims or image_idx is None:
             return None
-        return image_rotary(image_idx, self.cfg.image_rope_dims, float(self.cfg.image_tokens))
+        return image_rotary(image_idx, self.cfg.image_rope_dims, float(self.cfg.image_tokens),
+                            self.cfg.image_rope_pairs_only)
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
         if ids.dim() != 2:
