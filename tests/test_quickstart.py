@@ -30,8 +30,8 @@ def test_report_files_and_metrics(run):
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["preset"]["name"] == "smoke"
     stages = set(on_disk["stage_seconds"])
-    assert {"data", "text_tokenizer", "image_tokenizer", "encoder", "index", "shards", "pretrain", "sft",
-            "eval_pretrained", "eval"} <= stages
+    assert {"data", "text_tokenizer", "image_tokenizer", "encoder", "index", "shards", "pretrain", "sft_shards",
+            "sft", "eval_pretrained", "eval"} <= stages
     tasks = {r["task"] for r in on_disk["metrics"]}
     assert {"t2i", "caption", "vqa", "edit", "control", "ground"} <= tasks
     for r in on_disk["metrics"]:
@@ -52,6 +52,28 @@ def test_rerun_reuses_stages(run):
     out, report = run
     again = run_quickstart(out, "smoke")
     assert again["stage_seconds"] == report["stage_seconds"]  # every stage reused, none re-run
+
+
+def test_more_sft_records_redo_sft_only(run, tmp_path):
+    """The SFT examples are a stage of their own: more of them redo SFT and its evaluation,
+    not the pretraining shards, the pretrained model or its evaluation."""
+    import shutil
+
+    out, report = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_quickstart(copy, get_preset("smoke", sft_records=100))
+    finally:
+        torch.set_num_threads(n)
+    before, after = report["stage_seconds"], again["stage_seconds"]
+    for stage in ("data", "shards", "pretrain", "model_pretrained", "eval_pretrained"):
+        assert after[stage] == before[stage], stage
+    for stage in ("sft_shards", "sft", "eval"):
+        assert after[stage] != before[stage], stage
+    assert again["sft_shards"]["sft_records"] == 100 < report["sft_shards"]["sft_records"]
 
 
 def test_eval_cli_on_the_quickstart_model(run, tmp_path, capsys):
@@ -165,13 +187,18 @@ def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
 
     def fake_run(out, preset, force=False):
         seen["seed"], seen["sft_steps"] = preset.train_seed, preset.sft_steps
+        seen["shares"] = preset.sft_shares
         return {"metrics": [], "stage_seconds": {}}
 
     monkeypatch.setattr(quickstart, "run_quickstart", fake_run)
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--seed", "3"]) == 0
-    assert seen == {"seed": 3, "sft_steps": quickstart.get_preset("smoke").sft_steps}
+    smoke = quickstart.get_preset("smoke")
+    assert seen == {"seed": 3, "sft_steps": smoke.sft_steps, "shares": smoke.sft_shares}
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "40"]) == 0
-    assert seen == {"seed": 0, "sft_steps": 40}
+    assert seen == {"seed": 0, "sft_steps": 40, "shares": smoke.sft_shares}
+    assert main(["quickstart", "--out", str(tmp_path), "--preset", "default", "--sft-mix", "copy"]) == 0
+    assert seen["shares"] == quickstart.SHAPES_SFT_SHARES_COPY != quickstart.get_preset("default").sft_shares
+    assert seen["sft_steps"] == quickstart.get_preset("default").sft_steps
     with pytest.raises(SystemExit, match="sft-steps"):
         main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "0"])
 

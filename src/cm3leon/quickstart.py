@@ -3,7 +3,7 @@
 Stages (each writes its own folder under ``out``; a rerun reuses finished stages)::
 
     data -> text_tokenizer -> image_tokenizer -> encoder -> index -> shards -> pretrain
-         -> sft -> model dirs -> eval (pretrained and SFT) -> report.html / report.json
+         -> sft_shards -> sft -> model dirs -> eval (pretrained and SFT) -> report.html / report.json
 
 Presets: ``smoke`` (about 2 minutes on 2 CPU cores, used by the tests), ``default``
 (about 20 minutes on 2 CPU cores), ``gpu`` (a larger run for one GPU).
@@ -145,6 +145,19 @@ SHAPES_SFT_SHARES: dict[str, float] = {
     "depth_to_image": 1.0, "grounding": 1.0, "write": 0.5, "narration": 0.5, "detailed_caption": 0.5,
     "reasoning": 0.3,
 }
+# Shares shifted toward the tasks that output an image conditioned on another ("copy" tasks):
+# edit 3, edge / seg / depth-to-image and grounding 2 each, VQA 1.5, caption 1. A trade of SFT
+# compute, measured on one base (docs/sft.md, eighth and ninth sessions): at 1920 steps (two SFT
+# seeds) edge / seg / depth-to-image 54-56 / 56-57 / 59% vs 48-50 / 45-54 / 51-56%, grounding
+# IoU 0.47 vs 0.35-0.37, edit 30% vs 24-33%, but VQA 74-77% vs 86-87% and caption attributes
+# 79-81% vs 84-89%; at 960 steps caption attributes fall to 50% (vs 69-75%).
+SHAPES_SFT_SHARES_COPY: dict[str, float] = {
+    "vqa": 1.5, "caption": 1.0, "edit": 3.0, "text_to_image": 1.0, "edge_to_image": 2.0, "seg_to_image": 2.0,
+    "depth_to_image": 2.0, "grounding": 2.0, "write": 0.5, "narration": 0.3, "detailed_caption": 0.3,
+    "reasoning": 0.3,
+}
+# Named SFT mixtures (`cm3leon quickstart --sft-mix NAME`).
+SFT_MIXES: dict[str, dict[str, float]] = {"default": SHAPES_SFT_SHARES, "copy": SHAPES_SFT_SHARES_COPY}
 
 PRESETS: dict[str, QuickstartPreset] = {
     "smoke": QuickstartPreset(
@@ -180,7 +193,11 @@ PRESETS: dict[str, QuickstartPreset] = {
         # captions 59 / 75 / 88%; docs/sft.md, eighth session), but 1920 steps cost ~10 more
         # minutes than the budget has: `cm3leon quickstart --sft-steps 1920` reruns SFT alone.
         seq_len=320, n_retrieved=2, pretrain_batch=4, pretrain_steps=3400, sft_steps=480, sft_lr=2e-3,
-        sft_records=1200,
+        # 4800 records (57,600 SFT examples, ~30 s to tokenize): 1920 SFT steps on 1200 records
+        # see each example ~2 times and overfit (train loss 0.15, held-out 0.23); on 4800 the
+        # same steps gave edge / seg / depth-to-image 60 / 59 / 59% vs 48 / 45 / 52% and
+        # grounding IoU 0.45 vs 0.37 (docs/sft.md, ninth session).
+        sft_records=4800,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
         # Main text-to-image evaluation: 16 CFG + top-p samples without retrieved documents,
         # re-ranked by a re-ranker trained on detailed captions. Measured (docs/training.md,
@@ -436,7 +453,6 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         from cm3leon.retrieval.encoder import load_encoder
         from cm3leon.retrieval.index import MemoryBank
         from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
-        from cm3leon.sequence.sft import record_sft_examples, tokenize_sft
         from cm3leon.tokenize.image_vq import ImageTokenizer
         from cm3leon.tokenize.text_bpe import TextTokenizer
 
@@ -455,6 +471,25 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         # live in the train shards, which a PretrainDataset over these shards cannot address).
         write_dataset(d / "pretrain_val_view", _pretrain_view(p, data["val"]), overwrite=True)
         tokenize_dataset(d / "pretrain_val_view", text_tok, image_tok, d / "pretrain_val", overwrite=True)
+        filled = float((got.ids >= 0).mean())
+        return {"pretrain": str(d / "pretrain"), "pretrain_val": str(d / "pretrain_val"), "pretrain_docs": len(sh),
+                "pretrain_tokens": int(sh.n_tokens), "neighbour_fill": filled, "policy": got.stats.as_dict()}
+
+    return fn
+
+
+def _stage_sft_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any],
+                      image: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    """The SFT examples of the first ``sft_records`` train records (12 tasks each) and of every
+    val record, tokenized. A stage of its own, so that changing ``sft_records`` redoes SFT only."""
+    def fn(d: Path) -> dict[str, Any]:
+        from cm3leon.data.dataset import Dataset
+        from cm3leon.sequence.sft import record_sft_examples, tokenize_sft
+        from cm3leon.tokenize.image_vq import ImageTokenizer
+        from cm3leon.tokenize.text_bpe import TextTokenizer
+
+        text_tok = TextTokenizer.load(text["dir"])
+        image_tok = ImageTokenizer.from_pretrained(image["dir"]).eval()
         rng = random.Random(0)
         train_full = Dataset(data["train"])
         sft_rows = range(min(p.sft_records, len(train_full)))
@@ -462,11 +497,7 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
                            image_tok, d / "sft", overwrite=True)
         tokenize_sft((ex for r in Dataset(data["val"]) for ex in record_sft_examples(r, rng)), text_tok, image_tok,
                      d / "sft_val", overwrite=True)
-        filled = float((got.ids >= 0).mean())
-        return {"pretrain": str(d / "pretrain"), "sft": str(d / "sft"), "pretrain_val": str(d / "pretrain_val"),
-                "sft_val": str(d / "sft_val"), "pretrain_docs": len(sh),
-                "pretrain_tokens": int(sh.n_tokens), "sft_docs": len(sft), "neighbour_fill": filled,
-                "policy": got.stats.as_dict()}
+        return {"sft": str(d / "sft"), "sft_val": str(d / "sft_val"), "sft_docs": len(sft), "sft_records": len(sft_rows)}
 
     return fn
 
@@ -514,22 +545,22 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
     return fn
 
 
-def _stage_sft(p: QuickstartPreset, shards: dict[str, Any], pre: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+def _stage_sft(p: QuickstartPreset, sft_shards: dict[str, Any], pre: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.shards import Shards
         from cm3leon.sequence.sft import SFTDataset
         from cm3leon.train.config import TrainConfig
         from cm3leon.train.loop import train
 
-        vocab = Shards(shards["sft"]).vocab
-        data = SFTDataset(shards["sft"], seq_len=p.seq_len, seed=p.train_seed, target_infill_prob=p.sft_target_infill_prob,
+        vocab = Shards(sft_shards["sft"]).vocab
+        data = SFTDataset(sft_shards["sft"], seq_len=p.seq_len, seed=p.train_seed, target_infill_prob=p.sft_target_infill_prob,
                           target_shares=p.sft_shares)
         print(data.table(), flush=True)
         cfg = TrainConfig(steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr,
                           warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
                           log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
                           eval_batches=4, eval_batch_size=16, device=_device(p), seed=p.train_seed)
-        val = SFTDataset(shards["sft_val"], seq_len=p.seq_len, seed=1, target_infill_prob=p.sft_target_infill_prob,
+        val = SFTDataset(sft_shards["sft_val"], seq_len=p.seq_len, seed=1, target_infill_prob=p.sft_target_infill_prob,
                          target_shares=p.sft_shares)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
                     resume=_interrupted(d))
@@ -631,7 +662,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                                                          "encoder_overrides"),
                  after=("data", "text_tokenizer"))
     index = st.run("index", _stage_index(p, data, enc), after=("data", "encoder"))
-    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index), ("detailed_caption_prob", "sft_records"),
+    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index), ("detailed_caption_prob",),
                     after=("text_tokenizer", "image_tokenizer", "index"))
     pre = st.run("pretrain", _stage_pretrain(p, shards),
                  ("model_preset", "model_overrides", "image_pos_emb", "seq_len", "n_retrieved", "pretrain_steps",
@@ -650,8 +681,11 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
     ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=p.ablations,
                                                    tasks=("t2i", "caption", "vqa")),
                     (*eval_fields, "ablations", "ablation_samples"), after=("model_pretrained",))
-    sft = st.run("sft", _stage_sft(p, shards, pre), ("sft_steps", "sft_batch", "sft_lr", "sft_target_infill_prob", "sft_shares"),
-                 after=("pretrain",))
+    sft_shards = st.run("sft_shards", _stage_sft_shards(p, data, text, image), ("sft_records",),
+                        after=("text_tokenizer", "image_tokenizer"))
+    sft = st.run("sft", _stage_sft(p, sft_shards, pre),
+                 ("sft_steps", "sft_batch", "sft_lr", "sft_target_infill_prob", "sft_shares"),
+                 after=("pretrain", "sft_shards"))
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft, reranker),
                      after=("sft", *with_reranker))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")

@@ -323,7 +323,7 @@ def _paper_steps(tokens: float) -> int:
 
 
 # Data paths follow the quickstart's workspace layout (``cm3leon quickstart --out WS``):
-# WS/shards/pretrain and WS/shards/sft hold the tokenized shards, WS/pretrain the pretrained
+# WS/shards/pretrain and WS/sft_shards/sft hold the tokenized shards, WS/pretrain the pretrained
 # model. Point ``data.val`` at held-out shards to get validation curves.
 
 
@@ -421,23 +421,37 @@ def paper_7b() -> RunConfig:
     return _paper("paper-7b", "7b", 1.2e-4, 2.4e12, micro=2)
 
 
-@recipe("sft-quickstart")
-def sft_quickstart() -> RunConfig:
-    """SFT of the quickstart model on the Shapes task mixture (about 3.5 minutes on 2 CPU cores)."""
+def _sft_quickstart(name: str, steps: int, shares: dict[str, float] | None) -> RunConfig:
     p = _quickstart_preset()
     return RunConfig(
-        name="sft-quickstart",
+        name=name,
         model=p.model_preset,
         model_overrides=_quickstart_model(),
         init_from="pretrain",
         train=TrainConfig(
-            steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr, warmup_steps=p.sft_steps // 20, decay="cosine",
-            log_every=max(1, p.sft_steps // 20), eval_every=p.sft_steps // 2, eval_batches=4, ckpt_every=p.sft_steps // 2,
+            steps=steps, batch_size=p.sft_batch, lr=p.sft_lr, warmup_steps=steps // 20, decay="cosine",
+            log_every=max(1, steps // 20), eval_every=steps // 2, eval_batches=4, ckpt_every=steps // 2,
         ),
-        data=DataConfig(train="shards/sft", kind="sft", seq_len=p.seq_len,
-                        options={"target_infill_prob": p.sft_target_infill_prob, "target_shares": p.sft_shares,
+        data=DataConfig(train="sft_shards/sft", kind="sft", seq_len=p.seq_len,
+                        options={"target_infill_prob": p.sft_target_infill_prob, "target_shares": shares,
                                  "ignore_absent_shares": True}),
     )
+
+
+@recipe("sft-quickstart")
+def sft_quickstart() -> RunConfig:
+    """SFT of the quickstart model on the Shapes task mixture (about 3.5 minutes on 2 CPU cores)."""
+    p = _quickstart_preset()
+    return _sft_quickstart("sft-quickstart", p.sft_steps, p.sft_shares)
+
+
+@recipe("sft-quickstart-copy")
+def sft_quickstart_copy() -> RunConfig:
+    """1920 SFT steps of the quickstart model with the shares shifted to editing, control and
+    grounding (``SHAPES_SFT_SHARES_COPY``; about 14 minutes on 2 CPU cores, docs/sft.md)."""
+    from cm3leon.quickstart import SHAPES_SFT_SHARES_COPY
+
+    return _sft_quickstart("sft-quickstart-copy", 1920, dict(SHAPES_SFT_SHARES_COPY))
 
 
 @recipe("sft-paper-7b")
