@@ -187,20 +187,23 @@ def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
 
     def fake_run(out, preset, force=False):
         seen["seed"], seen["sft_steps"] = preset.train_seed, preset.sft_steps
-        seen["shares"] = preset.sft_shares
+        seen["shares"], seen["records"] = preset.sft_shares, preset.sft_records
         return {"metrics": [], "stage_seconds": {}}
 
     monkeypatch.setattr(quickstart, "run_quickstart", fake_run)
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--seed", "3"]) == 0
     smoke = quickstart.get_preset("smoke")
-    assert seen == {"seed": 3, "sft_steps": smoke.sft_steps, "shares": smoke.sft_shares}
-    assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "40"]) == 0
-    assert seen == {"seed": 0, "sft_steps": 40, "shares": smoke.sft_shares}
+    assert seen == {"seed": 3, "sft_steps": smoke.sft_steps, "shares": smoke.sft_shares, "records": smoke.sft_records}
+    assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "40",
+                 "--sft-records", "90"]) == 0
+    assert seen == {"seed": 0, "sft_steps": 40, "shares": smoke.sft_shares, "records": 90}
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "default", "--sft-mix", "copy"]) == 0
     assert seen["shares"] == quickstart.SHAPES_SFT_SHARES_COPY != quickstart.get_preset("default").sft_shares
     assert seen["sft_steps"] == quickstart.get_preset("default").sft_steps
     with pytest.raises(SystemExit, match="sft-steps"):
         main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "0"])
+    with pytest.raises(SystemExit, match="sft-records"):
+        main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-records", "-1"])
 
 
 def test_t2i_grid_shows_every_object_count():
