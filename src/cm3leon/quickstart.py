@@ -147,10 +147,11 @@ SHAPES_SFT_SHARES: dict[str, float] = {
 }
 # Shares shifted toward the tasks that output an image conditioned on another ("copy" tasks):
 # edit 3, edge / seg / depth-to-image and grounding 2 each, VQA 1.5, caption 1. A trade of SFT
-# compute, measured on one base (docs/sft.md, eighth and ninth sessions): at 1920 steps (two SFT
-# seeds) edge / seg / depth-to-image 54-56 / 56-57 / 59% vs 48-50 / 45-54 / 51-56%, grounding
-# IoU 0.47 vs 0.35-0.37, edit 30% vs 24-33%, but VQA 74-77% vs 86-87% and caption attributes
-# 79-81% vs 84-89%; at 960 steps caption attributes fall to 50% (vs 69-75%).
+# compute, measured on one base at 1920 steps (docs/sft.md, ninth session). From 4800 records:
+# edge / seg / depth 59-62 / 65-66 / 68-70% vs 60 / 59 / 59% with the default shares, IoU
+# 0.48-0.49 vs 0.45, edit 31-37% vs 28%, but VQA 73-75% vs 89%. From all 16000 records
+# (`--sft-steps 1920 --sft-mix copy --sft-records 16000`): VQA 82%, captions 83%, edge / seg /
+# depth 63 / 65 / 75%, IoU 0.50, edit 34%. At 960 steps they cost captions 25 points.
 SHAPES_SFT_SHARES_COPY: dict[str, float] = {
     "vqa": 1.5, "caption": 1.0, "edit": 3.0, "text_to_image": 1.0, "edge_to_image": 2.0, "seg_to_image": 2.0,
     "depth_to_image": 2.0, "grounding": 2.0, "write": 0.5, "narration": 0.3, "detailed_caption": 0.3,
@@ -193,10 +194,10 @@ PRESETS: dict[str, QuickstartPreset] = {
         # captions 59 / 75 / 88%; docs/sft.md, eighth session), but 1920 steps cost ~10 more
         # minutes than the budget has: `cm3leon quickstart --sft-steps 1920` reruns SFT alone.
         seq_len=320, n_retrieved=2, pretrain_batch=4, pretrain_steps=3400, sft_steps=480, sft_lr=2e-3,
-        # 4800 records (57,600 SFT examples, ~30 s to tokenize): 1920 SFT steps on 1200 records
-        # see each example ~2 times and overfit (train loss 0.15, held-out 0.23); on 4800 the
-        # same steps gave edge / seg / depth-to-image 60 / 59 / 59% vs 48 / 45 / 52% and
-        # grounding IoU 0.45 vs 0.37 (docs/sft.md, ninth session).
+        # 4800 records (57,600 SFT examples, ~30 s to tokenize; their own stage, sft_shards):
+        # 1920 SFT steps on 1200 records see each example ~2 times and overfit (train loss 0.15,
+        # held-out 0.23); on 4800 the same steps gave edge / seg / depth-to-image 60 / 59 / 59%
+        # vs 49 / 52 / 51% and grounding IoU 0.45 vs 0.35 (docs/sft.md, ninth session).
         sft_records=4800,
         sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
         # Main text-to-image evaluation: 16 CFG + top-p samples without retrieved documents,

@@ -27,9 +27,9 @@ def register(sub: Any) -> None:
                    "and its evaluation: 1920 takes ~10 more minutes on 2 cores (docs/sft.md)")
     p.add_argument("--sft-mix", default=None, choices=["default", "copy"],
                    help="SFT task shares (default: the preset's). copy: shares shifted to editing, edge/seg/depth-to-"
-                   "image and grounding, which gain at the cost of VQA and captions (with --sft-steps 1920: control "
-                   "~56%% vs ~50%%, grounding IoU 0.47 vs 0.35, VQA ~75%% vs ~86%%; docs/sft.md). Redoes only SFT and "
-                   "its evaluation")
+                   "image and grounding, which gain at the cost of VQA (with --sft-steps 1920 on 4800 records: "
+                   "seg/depth-to-image ~66/69%% vs 59%%, edit 31-37%% vs 28%%, VQA ~74%% vs 89%%; docs/sft.md). Redoes "
+                   "only SFT and its evaluation")
     p.add_argument("--sft-records", type=int, default=None,
                    help="Shapes train records the SFT examples are built from, 12 tasks each (default: the preset's; "
                    "4800 for default). Long SFT runs gain from more: with --sft-steps 1920 --sft-mix copy, 16000 gave "
