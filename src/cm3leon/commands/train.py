@@ -139,8 +139,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from cm3leon.train.config import RECIPES
 
     if args.list_recipes:
+        width = max(map(len, RECIPES))
         for name, fn in RECIPES.items():
-            print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+            summary = " ".join(line.strip() for line in (fn.__doc__ or "").strip().split("\n\n")[0].splitlines())
+            print(f"{name:{width}s}  {summary}")
         return 0
     run = load_run_config(args)
     if args.print_config:
