@@ -446,6 +446,14 @@ def _pretrain_view(p: QuickstartPreset, data_dir: str) -> Iterator[Any]:
         yield DocRecord(r.id, text, r.image, {})
 
 
+def _load_tokenizers(text: dict[str, Any], image: dict[str, Any]) -> tuple[Any, Any]:
+    """The text and image tokenizers that the ``text_tokenizer`` / ``image_tokenizer`` stages wrote."""
+    from cm3leon.tokenize.image_vq import ImageTokenizer
+    from cm3leon.tokenize.text_bpe import TextTokenizer
+
+    return TextTokenizer.load(text["dir"]), ImageTokenizer.from_pretrained(image["dir"]).eval()
+
+
 def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any], image: dict[str, Any],
                   enc: dict[str, Any], index: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
@@ -454,11 +462,8 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         from cm3leon.retrieval.encoder import load_encoder
         from cm3leon.retrieval.index import MemoryBank
         from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
-        from cm3leon.tokenize.image_vq import ImageTokenizer
-        from cm3leon.tokenize.text_bpe import TextTokenizer
 
-        text_tok = TextTokenizer.load(text["dir"])
-        image_tok = ImageTokenizer.from_pretrained(image["dir"]).eval()
+        text_tok, image_tok = _load_tokenizers(text, image)
         write_dataset(d / "pretrain_view", _pretrain_view(p, data["train"]), overwrite=True)
         sh = tokenize_dataset(d / "pretrain_view", text_tok, image_tok, d / "pretrain", overwrite=True)
         # Training neighbours: the paper's policy with query dropout, the query itself excluded.
@@ -486,11 +491,8 @@ def _stage_sft_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str,
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
         from cm3leon.sequence.sft import record_sft_examples, tokenize_sft
-        from cm3leon.tokenize.image_vq import ImageTokenizer
-        from cm3leon.tokenize.text_bpe import TextTokenizer
 
-        text_tok = TextTokenizer.load(text["dir"])
-        image_tok = ImageTokenizer.from_pretrained(image["dir"]).eval()
+        text_tok, image_tok = _load_tokenizers(text, image)
         rng = random.Random(0)
         train_full = Dataset(data["train"])
         sft_rows = range(min(p.sft_records, len(train_full)))
