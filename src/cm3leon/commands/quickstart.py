@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--sft-records", type=int, default=None,
                    help="Shapes train records the SFT examples are built from, 12 tasks each (default: the preset's; "
                    "4800 for default). Long SFT runs gain from more: with --sft-steps 1920 --sft-mix copy, 16000 gave "
-                   "VQA 82%%, control 63-75%%, grounding IoU 0.50 (docs/sft.md). Redoes the SFT examples, SFT and its "
+                   "VQA 78-82%%, edge/seg-to-image 63-67%%, grounding IoU 0.48-0.50 over two seeds (docs/sft.md). Redoes the SFT examples, SFT and its "
                    "evaluation")
     p.set_defaults(func=_run)
 
