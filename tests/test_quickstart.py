@@ -200,6 +200,11 @@ def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "default", "--sft-mix", "copy"]) == 0
     assert seen["shares"] == quickstart.SHAPES_SFT_SHARES_COPY != quickstart.get_preset("default").sft_shares
     assert seen["sft_steps"] == quickstart.get_preset("default").sft_steps
+    # the CLI lists the mixes literally (it must not import torch to build its parser)
+    from cm3leon.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["quickstart"]
+    assert set(next(a for a in sub._actions if a.dest == "sft_mix").choices) == set(quickstart.SFT_MIXES)
     with pytest.raises(SystemExit, match="sft-steps"):
         main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "0"])
     with pytest.raises(SystemExit, match="sft-records"):
