@@ -148,7 +148,7 @@ def test_model_is_not_mutated_and_cache_is_a_separate_module():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not list(model.buffers())
-    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot", "image_idx"}
+    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot", "image_idx", "places"}
     assert cache.k.shape == (3, 2, 4, 10, 8)
 
 
@@ -217,15 +217,18 @@ def test_image_index_hand_example():
     assert image_index(ids, 60, 3).tolist() == [[-1, -1, 0, 1, 2, 0, -1, 0, 1, -1]]
 
 
-@pytest.mark.parametrize("static,axial,rope,pairs", [(False, False, 0, False), (False, True, 0, False),
-                                                     (True, False, 0, False), (True, True, 0, False),
-                                                     (False, True, 4, False), (True, False, 6, False),
-                                                     (False, False, 4, True), (True, True, 8, True)])
+@pytest.mark.parametrize("static,axial,rope,pairs,copy", [(False, False, 0, False, False), (False, True, 0, False, False),
+                                                          (True, False, 0, False, False), (True, True, 0, False, False),
+                                                          (False, True, 4, False, False), (True, False, 6, False, False),
+                                                          (False, False, 4, True, False), (True, True, 8, True, False),
+                                                          (False, True, 0, False, True), (True, False, 4, False, True)])
 @torch.no_grad()
-def test_image_position_embedding_cached_equals_full_forward(static, axial, rope, pairs):
-    """The cache tracks each row's place in its image across prefill and decode steps."""
+def test_image_position_embedding_cached_equals_full_forward(static, axial, rope, pairs, copy):
+    """The cache tracks each row's place in its image (and every key's, for the copy bias)
+    across prefill and decode steps."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
-                      image_vocab=10, image_axial=axial, image_rope_dims=rope, image_rope_pairs_only=pairs)
+                      image_vocab=10, image_axial=axial, image_rope_dims=rope, image_rope_pairs_only=pairs,
+                      image_copy_bias=copy)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     for p in m.parameters():

@@ -60,6 +60,12 @@ class ModelConfig:
     # scores ignore them; without this, a rotated image query meets unrotated text keys and
     # its text attention shifts with its place.
     image_rope_pairs_only: bool = False
+    # NOT in the paper (off by default): a learned per-head, per-layer attention bias (zero at
+    # init) from an image token's query to every earlier image token at the place its next
+    # token takes (place + 1, in another image: the input of an edit, an edge / seg / depth
+    # map, a retrieved neighbour). Copying an image place by place is then one scalar per
+    # head to learn instead of a query/key match per place, and text attention is untouched.
+    image_copy_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -78,6 +84,8 @@ class ModelConfig:
                              f"{self.d_model // self.n_heads} with image_tokens > 0, got {self.image_rope_dims}")
         if self.image_rope_pairs_only and not self.image_rope_dims:
             raise ValueError("image_rope_pairs_only needs image_rope_dims > 0 (the dims it reserves for image pairs)")
+        if self.image_copy_bias and not self.image_tokens:
+            raise ValueError("image_copy_bias needs image_tokens > 0 (it matches image tokens by their place)")
         if self.image_vocab >= self.vocab_size:
             raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:

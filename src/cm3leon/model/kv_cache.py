@@ -64,6 +64,10 @@ class KVCache(nn.Module):
         # Place in its image of each row's last token (-1: not an image token), for models
         # with an image position embedding.
         self.register_buffer("image_idx", torch.full((batch,), -1, device=device, dtype=torch.long), persistent=False)
+        # Place in its image of every cached token (-1: not an image token), for models with
+        # an image copy bias (their attention scores depend on the keys' places).
+        self.register_buffer("places", torch.full((batch, max_len), -1, device=device, dtype=torch.long),
+                             persistent=False)
         self.batch = batch
         self.max_len = max_len
         self.static = static
@@ -73,7 +77,7 @@ class KVCache(nn.Module):
         if self.k.is_cuda and not torch.compiler.is_compiling():
             # Fixed addresses let CUDA graphs (torch.compile mode="reduce-overhead") update
             # the buffers in place instead of skipping graph capture for mutated inputs.
-            for buf in (self.k, self.v, self.valid, self.pos, self.slot, self.image_idx):
+            for buf in (self.k, self.v, self.valid, self.pos, self.slot, self.image_idx, self.places):
                 torch._dynamo.mark_static_address(buf)
 
     @classmethod
@@ -111,6 +115,7 @@ class KVCache(nn.Module):
         self.pos.zero_()
         self.slot.zero_()
         self.image_idx.fill_(-1)
+        self.places.fill_(-1)
         self._written = 0
 
     @property
@@ -151,13 +156,16 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, l
         slots = q_idx
     else:
         attn_mask = padded_causal_mask(valid)  # (B, 1, T, T): the used slots only
-    img_idx = None
+    img_idx = key_places = None
     if model.cfg.image_tokens:
         img_idx = image_index(ids, model.first_image_id, model.cfg.image_tokens)
         cache.image_idx.copy_(img_idx[:, -1])
+        cache.places[:, :T] = img_idx
+        if model.cfg.image_copy_bias:
+            key_places = cache.places if isinstance(slots, Tensor) else cache.places[:, :T]
     logits = model.forward_cached(
         ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask, last_only=last_only,
-        head_window=head_window, image_idx=img_idx,
+        head_window=head_window, image_idx=img_idx, key_places=key_places,
     )
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
@@ -189,20 +197,27 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache,
     # One additive mask for all layers (a Bool mask is converted to this in every layer).
     valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
     attn_mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(~valid, float("-inf"))
+    image_idx = _next_image_idx(model, ids, cache, slot)
+    key_places = cache.places[:, : slot + 1] if model.cfg.image_copy_bias else None
     logits = model.forward_decode(ids, cache.pos[:, None], kv=cache.layers(), slot=slot, attn_mask=attn_mask,
-                                  head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
+                                  head_window=head_window, image_idx=image_idx, key_places=key_places)
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits  # (B, V)
 
 
-def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor | None:
-    """Place in its image of each fed token ``ids`` Long[B, 1] (and record it in the cache)."""
+def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache, slot: Tensor | int) -> Tensor | None:
+    """Place in its image of each fed token ``ids`` Long[B, 1] (and record it in the cache,
+    the place of slot ``slot`` too)."""
     if not model.cfg.image_tokens:
         return None
     is_img = ids[:, 0] >= model.first_image_id
     nxt = torch.where(is_img, (cache.image_idx + 1) % model.cfg.image_tokens, torch.full_like(cache.image_idx, -1))
     cache.image_idx.copy_(nxt)
+    if isinstance(slot, int):
+        cache.places[:, slot] = nxt
+    else:
+        cache.places.index_copy_(1, slot, nxt[:, None])
     return nxt[:, None]
 
 
@@ -211,8 +226,10 @@ def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window:
     slot = cache.slot
     cache.valid.index_fill_(1, slot, True)
     attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, S)
+    image_idx = _next_image_idx(model, ids, cache, slot)
     logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
-                                  head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
+                                  head_window=head_window, image_idx=image_idx,
+                                  key_places=cache.places if model.cfg.image_copy_bias else None)
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits[:, -1]  # (B, V)

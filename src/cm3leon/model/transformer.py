@@ -63,6 +63,27 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * h :]), dim=-1)
 
 
+def copy_pairs(q_places: Tensor, k_places: Tensor) -> Tensor:
+    """Float[B, 1, Tq, Tk]: 1 where the key is an image token at the place the query's next
+    token takes (query place + 1, the query in an image), else 0. ``q_places`` Long[B, Tq] and
+    ``k_places`` Long[B, Tk] are places in images (-1 outside, see :func:`image_index`). Keys of
+    the query's own image at that place lie in its future, so the pairs link different images."""
+    q = q_places[:, :, None]
+    return ((q >= 0) & (k_places[:, None, :] == q + 1)).unsqueeze(1).to(torch.float32)
+
+
+def additive_mask(attn_mask: Tensor | None, q_len: int, k_len: int, like: Tensor) -> Tensor:
+    """``attn_mask`` as an additive float mask (0 where attended, -inf elsewhere) in ``like``'s
+    dtype: a Bool mask is converted, a float mask kept, None becomes the causal mask."""
+    if attn_mask is None:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=like.device).tril_(k_len - q_len)
+    elif attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    else:
+        return attn_mask.to(like.dtype)
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill_(~allowed, float("-inf"))
+
+
 def padded_causal_mask(valid: Tensor) -> Tensor:
     """Bool[B, 1, T, T] attention mask: causal, never attending to pad keys.
 
@@ -84,6 +105,14 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # q, k, v stacked on dim 0
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # Per-head score added to the pairs of :func:`copy_pairs` (ModelConfig.image_copy_bias).
+        self.copy_bias = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.image_copy_bias else None
+
+    def copy_mask(self, attn_mask: Tensor | None, copy: Tensor, q: Tensor, k_len: int) -> Tensor:
+        """The additive mask Float[B, nh, Tq, Tk]: ``attn_mask`` plus this layer's copy bias on ``copy`` pairs."""
+        assert self.copy_bias is not None
+        base = additive_mask(attn_mask, q.shape[2], k_len, q)
+        return base + self.copy_bias.to(q.dtype).view(1, -1, 1, 1) * copy.to(q.dtype)
 
     def forward(
         self,
@@ -92,6 +121,7 @@ class Attention(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
         slots: Tensor | int | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
+        copy: Tensor | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)
@@ -118,6 +148,8 @@ class Attention(nn.Module):
                 k, v = k_buf, v_buf
             if q.dtype != k_buf.dtype:
                 q = q.to(k_buf.dtype)
+        if copy is not None:
+            attn_mask = self.copy_mask(attn_mask, copy, q, k.shape[2])
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -157,8 +189,9 @@ class Block(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
         slots: Tensor | int | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
+        copy: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln1(x), attn_mask, kv, slots, rope)
+        x = x + self.attn(self.ln1(x), attn_mask, kv, slots, rope, copy)
         return x + self.mlp(self.ln2(x))
 
 
@@ -194,7 +227,7 @@ class Transformer(nn.Module):
             if name in ("pos_emb.weight", "image_pos_emb.weight", "image_row_emb.weight", "image_col_emb.weight"):
                 ps = self.cfg.pos_init_std
                 nn.init.trunc_normal_(p, mean=0.0, std=ps, a=-3 * ps, b=3 * ps)
-            elif name == "lm_head.weight":
+            elif name == "lm_head.weight" or name.endswith("copy_bias"):
                 nn.init.zeros_(p)
             else:
                 nn.init.trunc_normal_(p, mean=0.0, std=std, a=-3 * std, b=3 * std)
@@ -246,6 +279,16 @@ class Transformer(nn.Module):
         return image_rotary(image_idx, self.cfg.image_rope_dims, float(self.cfg.image_tokens),
                             self.cfg.image_rope_pairs_only)
 
+    def copy_pairs(self, q_places: Tensor | None, k_places: Tensor | None) -> Tensor | None:
+        """The query/key pairs that get the copy bias (:func:`copy_pairs`); None unless
+        ``cfg.image_copy_bias``."""
+        if not self.cfg.image_copy_bias:
+            return None
+        if q_places is None or k_places is None:
+            raise ValueError("a model with image_copy_bias needs the image places of queries and keys "
+                             "(pass key_places to forward_cached / forward_decode; KVCache tracks them)")
+        return copy_pairs(q_places, k_places)
+
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
         if ids.dim() != 2:
             raise ValueError(f"ids must be Long[B, T], got shape {tuple(ids.shape)}")
@@ -279,11 +322,12 @@ class Transformer(nn.Module):
         image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx)  # (B, T, C); image_idx is unused without image_tokens
         rope = self.rotary(image_idx)
+        copy = self.copy_pairs(image_idx, image_idx)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, attn_mask, None, None, rope, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, None, None, rope, copy, use_reentrant=False)
             else:
-                x = block(x, attn_mask, rope=rope)
+                x = block(x, attn_mask, rope=rope, copy=copy)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     def forward_decode(
@@ -296,6 +340,7 @@ class Transformer(nn.Module):
         attn_mask: Tensor,
         head_window: tuple[int, int] | None = None,
         image_idx: Tensor | None = None,
+        key_places: Tensor | None = None,
     ) -> Tensor:
         """One new token per row against the cache, eagerly: the decoding hot path.
 
@@ -304,6 +349,8 @@ class Transformer(nn.Module):
         on the weights: with a small model and 1-token steps, the per-op host overhead of
         module calls, q/k/v splits and head transposes costs as much as the arithmetic.
         ``attn_mask`` is [B, 1, 1, slot + 1]. Returns logits Float[B, V] (or ``hi - lo``).
+        ``key_places`` Long[B, slot + 1]: the image place of every cached key (models with
+        ``image_copy_bias``).
         """
         B = ids.shape[0]
         C, nh, hd = self.cfg.d_model, self.cfg.n_heads, self.cfg.head_dim
@@ -311,6 +358,7 @@ class Transformer(nn.Module):
         image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx).view(B, C)  # (B, C)
         rope = self.rotary(image_idx)
+        copy = self.copy_pairs(image_idx, key_places)
         for block, (k_buf, v_buf) in zip(self.blocks, kv):
             qkv = F.linear(F.layer_norm(x, (C,)), block.attn.qkv.weight).view(B, 3, nh, hd)
             qk = qkv[:, :2] if rope is None else apply_rotary(qkv[:, None, :2], rope)[:, 0]  # (B, 2, nh, hd)
@@ -319,7 +367,8 @@ class Transformer(nn.Module):
             q = qk[:, 0].unsqueeze(2)  # (B, nh, 1, hd)
             if q.dtype != k_buf.dtype:
                 q = q.to(k_buf.dtype)
-            y = F.scaled_dot_product_attention(q, k_buf[:, :, : slot + 1], v_buf[:, :, : slot + 1], attn_mask=attn_mask)
+            mask = attn_mask if copy is None else block.attn.copy_mask(attn_mask, copy, q, slot + 1)
+            y = F.scaled_dot_product_attention(q, k_buf[:, :, : slot + 1], v_buf[:, :, : slot + 1], attn_mask=mask)
             x = x + F.linear(y.to(x.dtype).reshape(B, C), block.attn.out.weight)  # (B, nh, 1, hd) -> (B, C)
             h = F.layer_norm(x, (C,))
             x = x + F.linear(act(F.linear(h, block.mlp.fc1.weight)), block.mlp.fc2.weight)
@@ -340,6 +389,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         head_window: tuple[int, int] | None = None,
         image_idx: Tensor | None = None,
+        key_places: Tensor | None = None,
     ) -> Tensor:
         """Forward of new tokens against a static KV cache (used by ``kv_cache.py``).
 
@@ -352,13 +402,16 @@ class Transformer(nn.Module):
         Float[B, 1, V] for the last token only if ``last_only``. ``head_window=(lo, hi)``
         computes the logits of ids ``lo..hi-1`` only (Float[..., hi - lo]): decoding inside
         one modality needs no others. ``image_idx`` Long[B, T]: each new token's place in its
-        image (models with ``image_tokens``; the cache tracks it across steps).
+        image (models with ``image_tokens``; the cache tracks it across steps). ``key_places``
+        Long[B, S] (or [B, s + T]): the image place of every attended key, new ones included
+        (models with ``image_copy_bias``).
         """
         image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx)  # (B, T, C)
         rope = self.rotary(image_idx)
+        copy = self.copy_pairs(image_idx, key_places)
         for block, layer_kv in zip(self.blocks, kv):
-            x = block(x, attn_mask, layer_kv, slots, rope)
+            x = block(x, attn_mask, layer_kv, slots, rope, copy)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         if head_window is not None:
