@@ -76,6 +76,50 @@ def test_more_sft_records_redo_sft_only(run, tmp_path):
     assert again["sft_shards"]["sft_records"] == 100 < report["sft_shards"]["sft_records"]
 
 
+def test_a_stopped_training_stage_is_not_recorded_done_and_resumes(run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM stops SFT with a checkpoint: the quickstart says so (exit 130) instead of
+    recording the stage as done, and the same command resumes it; a stage an older version
+    recorded as done after a stop is run again."""
+    import shutil
+
+    from cm3leon.cli import main
+    from cm3leon.train import loop
+
+    out, report = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    steps = report["preset"]["sft_steps"] * 2
+
+    class StopAtOnce(loop.StopRequest):
+        def __init__(self) -> None:
+            super().__init__()
+            self.requested = True  # as if SIGTERM arrived before the first step
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(loop, "StopRequest", StopAtOnce)
+            argv = ["quickstart", "--out", str(copy), "--preset", "smoke", "--sft-steps", str(steps)]
+            assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert "SFT stopped at step 0 (interrupted)" in err and "again to resume" in err
+        assert not (copy / "sft" / "stage.json").exists()
+        again = run_quickstart(copy, get_preset("smoke", sft_steps=steps))
+        assert again["sft"]["steps"] == steps
+        # an older version recorded a stopped stage as done: the recorded steps fall short
+        marker = copy / "sft" / "stage.json"
+        rec = json.loads(marker.read_text())
+        rec["result"]["steps"] = 1
+        marker.write_text(json.dumps(rec))
+        third = run_quickstart(copy, get_preset("smoke", sft_steps=steps))
+    finally:
+        torch.set_num_threads(n)
+    assert third["stage_seconds"]["sft"] != again["stage_seconds"]["sft"]  # run again (resumed: nothing left)
+    assert json.loads(marker.read_text())["result"]["steps"] == steps
+    assert third["stage_seconds"]["pretrain"] == report["stage_seconds"]["pretrain"]
+
+
 def test_eval_cli_on_the_quickstart_model(run, tmp_path, capsys):
     """`cm3leon eval` as the docs show it, on the smoke run's models; bad sampling knobs are named."""
     from cm3leon.cli import main

@@ -240,6 +240,11 @@ KEY_ONLY_IF_SET = frozenset({"train_seed"})
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuickstartPreset) if f.name in KEY_ONLY_IF_SET}
 
 
+class StageInterrupted(Exception):
+    """A training stage stopped before its last step (Ctrl-C, SIGTERM); its checkpoint is kept
+    and running the same quickstart again resumes it."""
+
+
 class Stages:
     """Runs named stages once: a finished stage leaves ``stage.json`` and is reused."""
 
@@ -250,14 +255,16 @@ class Stages:
         self._fields: dict[str, list[str]] = {}
 
     def run(self, name: str, fn: Callable[[Path], dict[str, Any]], fields: tuple[str, ...] = (),
-            after: tuple[str, ...] = ()) -> dict[str, Any]:
+            after: tuple[str, ...] = (), complete: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """Run stage ``name`` unless a finished run with the same inputs exists.
 
         A stage's inputs are the preset ``fields`` it reads plus those of the stages it
         uses (``after``, and theirs in turn), so changing e.g. ``sft_steps`` redoes SFT and
         its evaluation but reuses the tokenizers, the index, pretraining and the pretrained
         model's evaluation. A finished stage whose inputs changed is deleted and redone; an
-        interrupted training stage resumes from its last checkpoint.
+        interrupted training stage resumes from its last checkpoint. ``complete`` checks a
+        recorded result before reuse: a stage whose result fails it is run again in place (a
+        training stage that an older version recorded as done when it was stopped resumes).
         """
         unknown = [a for a in after if a not in self._fields]
         if unknown:
@@ -273,10 +280,14 @@ class Stages:
         if marker.exists() and not self.force:
             rec = json.loads(marker.read_text())
             if rec.get("inputs") == json.loads(json.dumps(key)):
-                log.info("stage %-16s reused (%.1fs when it ran)", name, rec["seconds"])
-                self.timings[name] = rec["seconds"]
-                self.results[name] = rec["result"]
-                return rec["result"]
+                if complete is None or complete(rec["result"]):
+                    log.info("stage %-16s reused (%.1fs when it ran)", name, rec["seconds"])
+                    self.timings[name] = rec["seconds"]
+                    self.results[name] = rec["result"]
+                    return rec["result"]
+                log.warning("stage %s was recorded unfinished (%s); running it again", name,
+                            {k: v for k, v in rec["result"].items() if k == "steps"})
+                marker.unlink()
         if d.exists() and (marker.exists() or self.force):
             shutil.rmtree(d)  # outputs of a finished run with other inputs: stale
         d.mkdir(parents=True, exist_ok=True)
@@ -528,6 +539,13 @@ def _interrupted(d: Path) -> bool:
     return (d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir())
 
 
+def _check_completed(stage: str, res: Any, d: Path) -> None:
+    """Raise :class:`StageInterrupted` unless training run ``res`` reached its last step."""
+    if res.status != "completed":
+        raise StageInterrupted(f"{stage} stopped at step {res.step} ({res.status}); its checkpoint is in "
+                               f"{d / 'checkpoints'}. Run the same quickstart command again to resume it.")
+
+
 def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.shards import Shards
@@ -543,6 +561,7 @@ def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Pa
                           log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
                           eval_batches=4, eval_batch_size=16, device=_device(p), seed=p.train_seed)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, resume=_interrupted(d))
+        _check_completed("pretraining", res, d)
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "final_loss": res.losses[max(res.losses)] if res.losses else None}
 
@@ -568,6 +587,7 @@ def _stage_sft(p: QuickstartPreset, sft_shards: dict[str, Any], pre: dict[str, A
                          target_shares=p.sft_shares)
         res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
                     resume=_interrupted(d))
+        _check_completed("SFT", res, d)
         return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
                 "mixture": data.table()}
 
@@ -670,7 +690,8 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                     after=("text_tokenizer", "image_tokenizer", "index"))
     pre = st.run("pretrain", _stage_pretrain(p, shards),
                  ("model_preset", "model_overrides", "image_pos_emb", "seq_len", "n_retrieved", "pretrain_steps",
-                  "pretrain_batch", "pretrain_lr", "train_seed"), after=("shards",))
+                  "pretrain_batch", "pretrain_lr", "train_seed"), after=("shards",),
+                 complete=lambda r: r.get("steps") == p.pretrain_steps)
     reranker = None
     if p.reranker_steps:
         reranker = st.run("reranker", _stage_reranker(p, data, text), ("reranker_steps",),
@@ -689,7 +710,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                         after=("text_tokenizer", "image_tokenizer"))
     sft = st.run("sft", _stage_sft(p, sft_shards, pre),
                  ("sft_steps", "sft_batch", "sft_lr", "sft_target_infill_prob", "sft_shares"),
-                 after=("pretrain", "sft_shards"))
+                 after=("pretrain", "sft_shards"), complete=lambda r: r.get("steps") == p.sft_steps)
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft, reranker),
                      after=("sft", *with_reranker))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -41,7 +42,7 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from cm3leon.quickstart import SFT_MIXES, get_preset, run_quickstart
+    from cm3leon.quickstart import SFT_MIXES, StageInterrupted, get_preset, run_quickstart
 
     for flag, value in (("--sft-steps", args.sft_steps), ("--sft-records", args.sft_records)):
         if value is not None and value < 1:
@@ -53,7 +54,11 @@ def _run(args: argparse.Namespace) -> int:
         over["sft_records"] = args.sft_records
     if args.sft_mix is not None:
         over["sft_shares"] = dict(SFT_MIXES[args.sft_mix])
-    report = run_quickstart(args.out, get_preset(args.preset, **over), force=args.force)
+    try:
+        report = run_quickstart(args.out, get_preset(args.preset, **over), force=args.force)
+    except StageInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     print(f"\nreport: {args.out}/report.html  ({args.out}/report.json)")
     for row in report["metrics"]:
         tgt = "" if row["target"] is None else f"  (target {row['target']:.2f}: {'ok' if row['meets_target'] else 'MISSED'})"
