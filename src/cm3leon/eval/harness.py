@@ -70,6 +70,14 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _by_group(ok: Sequence[bool], groups: Sequence[Any], name: str) -> dict[str, float]:
+    """``{name.format(g): accuracy over the items of group g}`` for every group present."""
+    out: dict[str, float] = {}
+    for g in sorted(set(groups), key=str):
+        out[name.format(g)] = float(np.mean([o for o, x in zip(ok, groups) if x == g]))
+    return out
+
+
 def _objects(meta_objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(o) for o in meta_objects]
 
@@ -222,6 +230,10 @@ def eval_edit(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> T
     verdicts = [judge(o, _objects(r.meta["edit"]["objects"]), check=T2I_CHECKS) for o, r in zip(outs, records)]
     m = {"edit_accuracy": float(np.mean([v.all_correct for v in verdicts])),
          "edit_score": float(np.mean([v.score for v in verdicts]))}
+    # Shapes records name the edit's kind (recolor, reshape, move, add, remove); other data may not.
+    kinds = [r.meta["edit"].get("kind") for r in records]
+    if all(kinds):
+        m.update(_by_group([v.all_correct for v in verdicts], kinds, "edit_accuracy_{}"))
     grid = None
     if cfg.grid_dir:
         k = min(8, len(records))
@@ -247,6 +259,7 @@ def eval_control(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig,
             outs.extend(x[0] for x in res)
         ok = [judge(o, _objects(r.meta["objects"]), check=T2I_CHECKS).all_correct for o, r in zip(outs, records)]
         m[f"{kind}_to_image_accuracy"] = float(np.mean(ok))
+        m.update(_by_group(ok, [len(r.meta["objects"]) for r in records], f"{kind}_to_image_accuracy_{{}}obj"))
         rows.extend([r.meta["images"][kind], o, r.image] for r, o in zip(records[:3], outs[:3]))
     grid = str(save_grid(rows, Path(cfg.grid_dir) / "control.png")) if cfg.grid_dir else None
     return TaskResult("control", m, [], grid, time.perf_counter() - t0)
