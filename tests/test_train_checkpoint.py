@@ -105,6 +105,18 @@ def test_checkpoint_from_another_model_names_the_difference(tmp_path):
     assert _snapshot(tmp_path / "run") == before
 
 
+def test_checkpoint_from_before_a_config_field_existed_resumes(tmp_path):
+    """A checkpoint written before a ModelConfig field was added does not name it: it had the
+    default, so the same model resumes (and a run that sets the field is still refused)."""
+    _run(tmp_path)
+    got = ck.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002")
+    del got.state["model_config"]["image_copy_bias"]
+    model = Transformer(tiny_model_config())
+    ck.check_model_compat(got, to_json_dict(model.cfg), model.state_dict())
+    with pytest.raises(ValueError, match="rope_dims: checkpoint 0 vs run 4"):
+        ck.check_model_compat(got, {**to_json_dict(model.cfg), "image_rope_dims": 4}, model.state_dict())
+
+
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     _run(tmp_path)
     got = ck.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002")
