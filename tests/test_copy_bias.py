@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.transformer import Transformer, copy_pairs, image_index, image_ordinals
+from cm3leon.model.transformer import Transformer, copy_pairs, image_index
 
 FIRST_IMAGE = 60  # vocab 70, image_vocab 10: ids 60..69 are image ids
 
@@ -35,25 +35,11 @@ def test_copy_pairs_link_the_next_place_in_other_images():
     assert {(q, k) for q, k in linked if k < q} == {(6, 2), (7, 3), (8, 4)}
 
 
-def test_previous_scope_links_only_the_image_right_before():
-    # image A, text, image B, text, image C: C's queries link B only, B's link A only
-    ids = torch.tensor([[60, 61, 62, 63, 2, 64, 65, 66, 67, 3, 68, 69, 60]])
-    places = image_index(ids, FIRST_IMAGE, 4)
-    ords = image_ordinals(places)
-    assert ords.tolist() == [[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3]]
-    every = copy_pairs(places, places)[0, 0]
-    prev = copy_pairs(places, places, ords, ords)[0, 0]
-    past = lambda p: {(int(q), int(k)) for q, k in zip(*torch.nonzero(p, as_tuple=True)) if k < q}  # noqa: E731
-    assert past(every) == {(5, 1), (6, 2), (7, 3), (10, 1), (10, 6), (11, 2), (11, 7), (12, 3), (12, 8)}
-    assert past(prev) == {(5, 1), (6, 2), (7, 3), (10, 6), (11, 7), (12, 8)}
-
-
 def _reference_logits(m: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """The forward pass written out by hand: explicit scores, causal mask, copy bias per head."""
     cfg = m.cfg
     B, T = ids.shape
     places = image_index(ids, m.first_image_id, cfg.image_tokens)
-    image_no = (places == 0).long().cumsum(1)  # which image a token is in (or follows)
     x = m.embed(ids, torch.arange(T).expand(B, T), places)
     nh, hd = cfg.n_heads, cfg.head_dim
     for block in m.blocks:
@@ -65,8 +51,7 @@ def _reference_logits(m: Transformer, ids: torch.Tensor) -> torch.Tensor:
                 for j in range(T):
                     if j > i:
                         scores[b, :, i, j] = float("-inf")
-                    elif places[b, i] >= 0 and places[b, j] == places[b, i] + 1 and (
-                            cfg.image_copy_scope == "all" or image_no[b, j] == image_no[b, i] - 1):
+                    elif places[b, i] >= 0 and places[b, j] == places[b, i] + 1:
                         scores[b, :, i, j] += block.attn.copy_bias
         y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, cfg.d_model)
         x = x + block.attn.out(y)
@@ -74,15 +59,13 @@ def _reference_logits(m: Transformer, ids: torch.Tensor) -> torch.Tensor:
     return m.lm_head(F.layer_norm(x, (cfg.d_model,)))
 
 
-@pytest.mark.parametrize("scope", ["all", "previous"])
 @torch.no_grad()
-def test_forward_equals_hand_written_attention_with_copy_bias(scope):
+def test_forward_equals_hand_written_attention_with_copy_bias():
     torch.manual_seed(0)
-    m = Transformer(_cfg(image_copy_scope=scope)).eval()
+    m = Transformer(_cfg()).eval()
     for p in m.parameters():
         p.normal_(std=0.3)
-    ids = torch.tensor([[1, 60, 61, 62, 63, 2, 64, 65, 66, 67, 8, 60, 61, 62],
-                        [3, 4, 69, 68, 67, 66, 5, 60, 61, 6, 62, 63, 64, 65]])
+    ids = torch.tensor([[1, 60, 61, 62, 63, 2, 64, 65, 66, 67], [3, 4, 69, 68, 67, 66, 5, 60, 61, 6]])
     torch.testing.assert_close(m(ids), _reference_logits(m, ids), atol=1e-5, rtol=1e-5)
 
 
@@ -118,8 +101,6 @@ def test_copy_bias_is_trained_without_weight_decay_and_gets_gradients():
 
 
 def test_copy_bias_config_errors():
-    with pytest.raises(ValueError, match="image_copy_scope must be"):
-        _cfg(image_copy_scope="nearest")
     with pytest.raises(ValueError, match="image_copy_bias needs image_tokens"):
         ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_copy_bias=True)
     m = Transformer(_cfg())

@@ -221,16 +221,14 @@ def test_image_index_hand_example():
                                                           (True, False, 0, False, False), (True, True, 0, False, False),
                                                           (False, True, 4, False, False), (True, False, 6, False, False),
                                                           (False, False, 4, True, False), (True, True, 8, True, False),
-                                                          (False, True, 0, False, True), (True, False, 4, False, True),
-                                                          (False, False, 0, False, "previous"),
-                                                          (True, True, 0, False, "previous")])
+                                                          (False, True, 0, False, True), (True, False, 4, False, True)])
 @torch.no_grad()
 def test_image_position_embedding_cached_equals_full_forward(static, axial, rope, pairs, copy):
     """The cache tracks each row's place in its image (and every key's, for the copy bias)
     across prefill and decode steps."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
                       image_vocab=10, image_axial=axial, image_rope_dims=rope, image_rope_pairs_only=pairs,
-                      image_copy_bias=bool(copy), image_copy_scope="previous" if copy == "previous" else "all")
+                      image_copy_bias=copy)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     for p in m.parameters():

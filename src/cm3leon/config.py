@@ -66,10 +66,6 @@ class ModelConfig:
     # map, a retrieved neighbour). Copying an image place by place is then one scalar per
     # head to learn instead of a query/key match per place, and text attention is untouched.
     image_copy_bias: bool = False
-    # Which earlier images the copy bias links: "all" of them, or only the "previous" image
-    # (the one right before the query's own: an edit's source, a control's condition map),
-    # so unrelated images packed earlier in the row get no bias.
-    image_copy_scope: str = "all"
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -88,8 +84,6 @@ class ModelConfig:
                              f"{self.d_model // self.n_heads} with image_tokens > 0, got {self.image_rope_dims}")
         if self.image_rope_pairs_only and not self.image_rope_dims:
             raise ValueError("image_rope_pairs_only needs image_rope_dims > 0 (the dims it reserves for image pairs)")
-        if self.image_copy_scope not in ("all", "previous"):
-            raise ValueError(f"image_copy_scope must be 'all' or 'previous', got {self.image_copy_scope!r}")
         if self.image_copy_bias and not self.image_tokens:
             raise ValueError("image_copy_bias needs image_tokens > 0 (it matches image tokens by their place)")
         if self.image_vocab >= self.vocab_size:

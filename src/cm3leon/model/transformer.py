@@ -63,25 +63,13 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * h :]), dim=-1)
 
 
-def image_ordinals(places: Tensor) -> Tensor:
-    """Long[B, T]: how many images have started up to each token (tokens at place 0), so the
-    tokens of the n-th image in a row (and the text after it) have ordinal n."""
-    return (places == 0).long().cumsum(dim=1)
-
-
-def copy_pairs(q_places: Tensor, k_places: Tensor, q_ord: Tensor | None = None,
-               k_ord: Tensor | None = None) -> Tensor:
+def copy_pairs(q_places: Tensor, k_places: Tensor) -> Tensor:
     """Float[B, 1, Tq, Tk]: 1 where the key is an image token at the place the query's next
     token takes (query place + 1, the query in an image), else 0. ``q_places`` Long[B, Tq] and
     ``k_places`` Long[B, Tk] are places in images (-1 outside, see :func:`image_index`). Keys of
-    the query's own image at that place lie in its future, so the pairs link different images.
-    With image ordinals (:func:`image_ordinals`) only keys of the image right before the
-    query's own are linked."""
+    the query's own image at that place lie in its future, so the pairs link different images."""
     q = q_places[:, :, None]
-    pairs = (q >= 0) & (k_places[:, None, :] == q + 1)
-    if q_ord is not None and k_ord is not None:
-        pairs &= k_ord[:, None, :] == q_ord[:, :, None] - 1
-    return pairs.unsqueeze(1).to(torch.float32)
+    return ((q >= 0) & (k_places[:, None, :] == q + 1)).unsqueeze(1).to(torch.float32)
 
 
 def additive_mask(attn_mask: Tensor | None, q_len: int, k_len: int, like: Tensor) -> Tensor:
@@ -291,26 +279,15 @@ class Transformer(nn.Module):
         return image_rotary(image_idx, self.cfg.image_rope_dims, float(self.cfg.image_tokens),
                             self.cfg.image_rope_pairs_only)
 
-    def copy_pairs(self, q_places: Tensor | None, k_places: Tensor | None,
-                   q_at: Tensor | int | None = None) -> Tensor | None:
+    def copy_pairs(self, q_places: Tensor | None, k_places: Tensor | None) -> Tensor | None:
         """The query/key pairs that get the copy bias (:func:`copy_pairs`); None unless
-        ``cfg.image_copy_bias``. ``q_at``: where the queries sit among the keys (None: the
-        queries are the keys; an int s: keys s..s+Tq-1; a Long[Tq] tensor: those keys)."""
+        ``cfg.image_copy_bias``."""
         if not self.cfg.image_copy_bias:
             return None
         if q_places is None or k_places is None:
             raise ValueError("a model with image_copy_bias needs the image places of queries and keys "
                              "(pass key_places to forward_cached / forward_decode; KVCache tracks them)")
-        if self.cfg.image_copy_scope == "all":
-            return copy_pairs(q_places, k_places)
-        k_ord = image_ordinals(k_places)
-        if q_at is None:
-            q_ord = k_ord
-        elif isinstance(q_at, int):
-            q_ord = k_ord.narrow(1, q_at, q_places.shape[1])
-        else:
-            q_ord = k_ord.index_select(1, q_at)
-        return copy_pairs(q_places, k_places, q_ord, k_ord)
+        return copy_pairs(q_places, k_places)
 
     def _check_inputs(self, ids: Tensor, positions: Tensor | None) -> None:
         if ids.dim() != 2:
@@ -381,7 +358,7 @@ class Transformer(nn.Module):
         image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx).view(B, C)  # (B, C)
         rope = self.rotary(image_idx)
-        copy = self.copy_pairs(image_idx, key_places, slot)
+        copy = self.copy_pairs(image_idx, key_places)
         for block, (k_buf, v_buf) in zip(self.blocks, kv):
             qkv = F.linear(F.layer_norm(x, (C,)), block.attn.qkv.weight).view(B, 3, nh, hd)
             qk = qkv[:, :2] if rope is None else apply_rotary(qkv[:, None, :2], rope)[:, 0]  # (B, 2, nh, hd)
@@ -432,7 +409,7 @@ class Transformer(nn.Module):
         image_idx = self.image_places(ids, image_idx)
         x = self.embed(ids, positions, image_idx)  # (B, T, C)
         rope = self.rotary(image_idx)
-        copy = self.copy_pairs(image_idx, key_places, slots)
+        copy = self.copy_pairs(image_idx, key_places)
         for block, layer_kv in zip(self.blocks, kv):
             x = block(x, attn_mask, layer_kv, slots, rope, copy)
         if last_only:
