@@ -447,13 +447,13 @@ def sft_quickstart() -> RunConfig:
 
 @recipe("sft-quickstart-copy")
 def sft_quickstart_copy() -> RunConfig:
-    """1920 SFT steps of the quickstart model with the shares shifted to editing, control and
-    grounding (``SHAPES_SFT_SHARES_COPY``; about 14 minutes on 2 CPU cores). It trains on the
-    workspace's sft_shards/sft; docs/sft.md's best run built them from all 16000 records
+    """3840 SFT steps of the quickstart model with the shares shifted to editing, control and
+    grounding (``SHAPES_SFT_SHARES_COPY``; about 14-20 minutes on 2 CPU cores). It trains on the
+    workspace's sft_shards/sft; docs/sft.md's runs built them from all 16000 records
     (``cm3leon quickstart --sft-records 16000``)."""
     from cm3leon.quickstart import SHAPES_SFT_SHARES_COPY
 
-    return _sft_quickstart("sft-quickstart-copy", 1920, dict(SHAPES_SFT_SHARES_COPY))
+    return _sft_quickstart("sft-quickstart-copy", 3840, dict(SHAPES_SFT_SHARES_COPY))
 
 
 @recipe("sft-paper-7b")
