@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.transformer import Transformer, image_index, padded_causal_mask, positions_from_valid
+from cm3leon.model.transformer import (
+    Transformer,
+    additive_mask,
+    image_index,
+    padded_causal_mask,
+    positions_from_valid,
+)
 
 
 class KVCache(nn.Module):
@@ -196,7 +202,7 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache,
     cache.valid[:, slot] = True
     # One additive mask for all layers (a Bool mask is converted to this in every layer).
     valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
-    attn_mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=ids.device).masked_fill_(~valid, float("-inf"))
+    attn_mask = additive_mask(valid, 1, slot + 1, cache.k)
     image_idx = _next_image_idx(model, ids, cache, slot)
     key_places = cache.places[:, : slot + 1] if model.cfg.image_copy_bias else None
     logits = model.forward_decode(ids, cache.pos[:, None], kv=cache.layers(), slot=slot, attn_mask=attn_mask,
