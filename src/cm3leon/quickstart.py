@@ -152,8 +152,8 @@ SHAPES_SFT_SHARES: dict[str, float] = {
 # 0.48-0.49 vs 0.45, edit 31-37% vs 28%, but VQA 73-75% vs 89%. From all 16000 records
 # (`--sft-steps 1920 --sft-mix copy --sft-records 16000`, two seeds): VQA 78-82%, captions
 # 82-83%, edge / seg / depth 63-66 / 65-67 / 74-75%, IoU 0.48-0.50, edit 34-37%; with 3840 steps
-# (two pretraining + SFT seeds, tenth session) edit 51-55%, edge / seg / depth 69-70 / 73-79 /
-# 80-82%, IoU 0.62-0.64, captions 93-97%, VQA 75-82%. At 960 steps they cost captions 25 points.
+# (three pretraining + SFT seeds, tenth session) edit 51-55%, edge / seg / depth 69-70 / 69-79 /
+# 80-82%, IoU 0.62-0.74, captions 93-97%, VQA 75-87%. At 960 steps they cost captions 25 points.
 SHAPES_SFT_SHARES_COPY: dict[str, float] = {
     "vqa": 1.5, "caption": 1.0, "edit": 3.0, "text_to_image": 1.0, "edge_to_image": 2.0, "seg_to_image": 2.0,
     "depth_to_image": 2.0, "grounding": 2.0, "write": 0.5, "narration": 0.3, "detailed_caption": 0.3,

@@ -30,13 +30,13 @@ def register(sub: Any) -> None:
                    help="SFT task shares (default: the preset's). copy: shares shifted to editing, edge/seg/depth-to-"
                    "image and grounding, which gain at the cost of VQA (with --sft-steps 1920 on 4800 records: "
                    "seg/depth-to-image ~66/69%% vs 59%%, edit 31-37%% vs 28%%, VQA ~74%% vs 89%%; docs/sft.md). Redoes "
-                   "only SFT and its evaluation. The long-SFT run of docs/sft.md (four SFT targets met in two seeds, VQA in one): --sft-steps 3840 "
+                   "only SFT and its evaluation. The long-SFT run of docs/sft.md (every SFT target met in two seeds of three, all but VQA in the third): --sft-steps 3840 "
                    "--sft-mix copy --sft-records 16000")
     p.add_argument("--sft-records", type=int, default=None,
                    help="Shapes train records the SFT examples are built from, 12 tasks each (default: the preset's; "
                    "4800 for default). Long SFT runs gain from more: with --sft-steps 3840 --sft-mix copy, 16000 gave "
-                   "edit 51-55%%, edge/seg-to-image 69-70/73-79%%, grounding IoU 0.62-0.64, captions 93-97%%, "
-                   "VQA 75-82%% over two seeds (docs/sft.md). Redoes the SFT examples, SFT and its evaluation")
+                   "edit 51-55%%, edge/seg-to-image 69-70/69-79%%, grounding IoU 0.62-0.74, captions 93-97%%, "
+                   "VQA 75-87%% over three seeds (docs/sft.md). Redoes the SFT examples, SFT and its evaluation")
     p.set_defaults(func=_run)
 
 
