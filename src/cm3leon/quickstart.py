@@ -286,8 +286,8 @@ class Stages:
                     self.timings[name] = rec["seconds"]
                     self.results[name] = rec["result"]
                     return rec["result"]
-                log.warning("stage %s was recorded unfinished (%s); running it again", name,
-                            {k: v for k, v in rec["result"].items() if k == "steps"})
+                log.warning("stage %s was recorded unfinished (steps: %s); running it again", name,
+                            rec["result"].get("steps"))
                 marker.unlink()
         if d.exists() and (marker.exists() or self.force):
             shutil.rmtree(d)  # outputs of a finished run with other inputs: stale
