@@ -114,6 +114,7 @@ def _load_images(path: str, resolution: int, *, limit: int | None, task_images: 
     from PIL import Image
 
     from cm3leon.data.sources import open_source
+    from cm3leon.pixels import unit_to_pixels
     from cm3leon.tokenize.image_vq_preprocess import images_to_tensor
 
     source = open_source(path, require_text=False, limit=limit)
@@ -125,7 +126,7 @@ def _load_images(path: str, resolution: int, *, limit: int | None, task_images: 
             imgs += [extra[k] for k in extra if isinstance(extra[k], Image.Image)]
         for im in imgs:
             x = images_to_tensor([im], resolution)[0]
-            out.append(((x + 1.0) * 127.5).round().to(torch.uint8).numpy())
+            out.append(unit_to_pixels(x).numpy())
     if not out:
         raise ValueError(f"{path} yielded no images ({source.stats.summary()})")
     return torch.from_numpy(np.stack(out))

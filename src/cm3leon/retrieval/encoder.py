@@ -33,6 +33,7 @@ from torch import nn
 
 from cm3leon.config import atomic_write_text, from_json_dict
 from cm3leon.data.records import DocRecord
+from cm3leon.pixels import pixels_to_unit
 from cm3leon.tokenize.text_bpe import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ class DualEncoder(Encoder):
     def embed_image(self, images: Sequence[Image.Image]) -> np.ndarray:
         images = list(images)
         out = [
-            self.model.encode_image(_to_float(self.pixels(images[s : s + self.batch_size]).to(self.device)))
+            self.model.encode_image(pixels_to_unit(self.pixels(images[s : s + self.batch_size]).to(self.device)))
             .float()
             .cpu()
             for s in range(0, len(images), self.batch_size)
@@ -414,10 +415,6 @@ def _pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
         for im in images
     ]) if images else np.zeros((0, size, size, 3), np.uint8)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-
-
-def _to_float(px: torch.Tensor) -> torch.Tensor:
-    return px.float() / 127.5 - 1.0
 
 
 def train_dual_encoder(
@@ -486,7 +483,7 @@ def train_dual_encoder(
         idx = torch.randperm(len(texts), generator=gen)[:bs]
         cls = caption_class[idx]
         t = model.encode_text(ids[idx].to(device))
-        v = model.encode_image(_to_float(px[idx].to(device)))
+        v = model.encode_image(pixels_to_unit(px[idx].to(device)))
         hard = None
         count = neg_count[idx] if neg_count is not None else None
         if neg_ids is not None and bool((count > 0).any()):

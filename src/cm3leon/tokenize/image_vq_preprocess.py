@@ -15,7 +15,8 @@ Policy (documented in docs/tokenizers.md):
   resized long side. Images smaller than ``resolution`` (down to 1x1) are upscaled the
   same way (a 1x1 image becomes a flat square of its colour); images whose shorter side
   is below ``min_side`` are refused.
-* Values: uint8 ``v`` -> ``v / 127.5 - 1`` in [-1, 1]; the inverse rounds to nearest.
+* Values: uint8 ``v`` -> ``v / 127.5 - 1`` in [-1, 1]; the inverse rounds to nearest
+  (:mod:`cm3leon.pixels`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from cm3leon.pixels import pixels_to_unit, unit_to_pixels
 
 MAX_IMAGE_PIXELS = 50_000_000
 
@@ -100,7 +103,7 @@ def resize_center_crop(img: Image.Image, resolution: int, *, min_side: int = 1) 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> Float[3, H, W] in [-1, 1]."""
     arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return pixels_to_unit(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
 def images_to_tensor(
@@ -136,5 +139,5 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     """Float[B, 3, H, W] in [-1, 1] -> RGB PIL images (values clamped, rounded to nearest)."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected Float[B,3,H,W], got shape {tuple(x.shape)}")
-    u8 = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    u8 = unit_to_pixels(x)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in u8]

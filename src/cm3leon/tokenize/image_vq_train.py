@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cm3leon.pixels import pixels_to_unit, unit_to_pixels
 from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig, load_state_dict_strict, read_safetensors
 from cm3leon.tokenize.image_vq_quantizer import codebook_stats
 
@@ -115,11 +116,6 @@ def clamp_straight_through(x: torch.Tensor) -> torch.Tensor:
     return x + (x.clamp(-1.0, 1.0) - x).detach()
 
 
-def to_unit_float(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float in [-1, 1]."""
-    return u8.float().div_(127.5).sub_(1.0)
-
-
 @torch.no_grad()
 def evaluate(model: ImageTokenizer, images_u8: torch.Tensor, *, batch_size: int = 128,
              device: torch.device | str = "cpu") -> dict[str, float]:
@@ -129,11 +125,11 @@ def evaluate(model: ImageTokenizer, images_u8: torch.Tensor, *, batch_size: int 
     counts = torch.zeros(model.codebook_size, dtype=torch.float64)
     scores = []
     for i in range(0, len(images_u8), batch_size):
-        x = to_unit_float(images_u8[i:i + batch_size].to(device))
+        x = pixels_to_unit(images_u8[i:i + batch_size].to(device))
         codes = model.encode(x)
         rec = model.decode(codes)
         # Score what a user gets back: the 8-bit image.
-        rec = ((rec + 1.0) * 127.5).round() / 127.5 - 1.0
+        rec = pixels_to_unit(unit_to_pixels(rec))
         scores.append(psnr(rec, x).cpu())
         counts += torch.bincount(codes.flatten().cpu(), minlength=model.codebook_size).double()
     model.train(was_training)
@@ -238,7 +234,7 @@ def _batch(images_u8: torch.Tensor, step: int, cfg: VQTrainConfig, device: torch
     # The batch depends only on (seed, step), so a resumed run sees the same data.
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     idx = torch.randint(0, len(images_u8), (cfg.batch_size,), generator=g)
-    x = to_unit_float(images_u8[idx])
+    x = pixels_to_unit(images_u8[idx])
     if cfg.hflip:
         flip = torch.rand(cfg.batch_size, generator=g) < 0.5
         x[flip] = x[flip].flip(-1)
@@ -469,6 +465,6 @@ def _write_samples(model: ImageTokenizer, images_u8: torch.Tensor, path: Path, d
         return
     was = model.training
     model.eval()
-    x = to_unit_float(images_u8[:16].to(device))
+    x = pixels_to_unit(images_u8[:16].to(device))
     save_grid(x.cpu(), model.decode(model.encode(x)).cpu(), path)
     model.train(was)
