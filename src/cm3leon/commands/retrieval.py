@@ -272,7 +272,8 @@ def _run_search(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from cm3leon.data.records import DocRecord
-    from cm3leon.retrieval.encoder import combine_embeddings, load_encoder
+    from cm3leon.retrieval.encoder import load_encoder
+    from cm3leon.retrieval.encoder_base import combine_embeddings
     from cm3leon.retrieval.index import MemoryBank
     from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
 

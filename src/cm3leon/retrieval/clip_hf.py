@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cm3leon.retrieval.encoder import ENCODER_FILE, Encoder, l2_normalize, write_encoder_json
+from cm3leon.retrieval.encoder_base import ENCODER_FILE, Encoder, l2_normalize, write_encoder_json
 
 log = logging.getLogger(__name__)
 

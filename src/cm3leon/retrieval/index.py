@@ -36,7 +36,7 @@ from cm3leon.config import atomic_write_text
 
 if TYPE_CHECKING:
     from cm3leon.data.records import DocRecord
-    from cm3leon.retrieval.encoder import Encoder
+    from cm3leon.retrieval.encoder_base import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from cm3leon.config import atomic_write_text
 from cm3leon.data.records import DocRecord
-from cm3leon.retrieval.encoder import Encoder
+from cm3leon.retrieval.encoder_base import Encoder
 from cm3leon.retrieval.index import MemoryBank
 from cm3leon.retrieval.retriever import PolicyStats, Retriever, RetrieverConfig
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cm3leon.data.records import DocRecord
-from cm3leon.retrieval.encoder import Encoder, combine_embeddings
+from cm3leon.retrieval.encoder_base import Encoder, combine_embeddings
 from cm3leon.retrieval.index import MemoryBank, Modality
 
 log = logging.getLogger(__name__)
