@@ -13,7 +13,7 @@ from PIL import Image
 from cm3leon.cli import main as cli_main
 from cm3leon.data.dataset import Dataset, DatasetWriter, load_manifest, read_dataset, write_dataset
 from cm3leon.data.records import DocRecord
-from cm3leon.data.shapes import (
+from cm3leon.shapes.world import (
     BACKGROUND,
     COLORS,
     CORNERS,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from cm3leon.data.shapes import (
+from cm3leon.shapes.judge import box_iou, detect_objects, judge, judge_detected
+from cm3leon.shapes.world import (
     COLORS,
     POSITIONS,
     SHAPES,
@@ -24,7 +25,6 @@ from cm3leon.data.shapes import (
     render,
     sample_scene,
 )
-from cm3leon.eval.shapes_judge import box_iou, detect_objects, judge, judge_detected
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def test_bad_arguments():
 
 
 def test_repeated_small_images_are_detected_once(scenes):
-    from cm3leon.eval.shapes_judge import _detect_small
+    from cm3leon.shapes.judge import _detect_small
 
     scene = next(s for s in scenes if s.size == 32)
     img = render(scene)

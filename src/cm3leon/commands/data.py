@@ -48,7 +48,7 @@ def add_shapes(sub: argparse._SubParsersAction) -> None:
 def _run_shapes(args: argparse.Namespace) -> int:
     import time
 
-    from cm3leon.data.shapes import ShapesConfig, write_shapes_dataset
+    from cm3leon.shapes.world import ShapesConfig, write_shapes_dataset
 
     cfg = ShapesConfig(size=args.size, max_objects=args.max_objects, snap=args.snap)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from cm3leon.data.shapes import (
+from cm3leon.shapes.world import (
     BACKGROUND,
     COLORS,
     SHAPES,
