@@ -100,7 +100,9 @@ def bench_index(x: np.ndarray, q: np.ndarray, factories: list[str], nprobe: int,
 def bench_encoder(n_docs: int, repeats: int, with_clip: bool) -> dict:
     from cm3leon.data.records import DocRecord
     from cm3leon.retrieval.encoder import DualEncoder, DualEncoderConfig, DualEncoderModel
-    from cm3leon.shapes.world import ShapesConfig, describe, render, sample_scene
+    from cm3leon.shapes.captions import describe
+    from cm3leon.shapes.render import render
+    from cm3leon.shapes.world import ShapesConfig, sample_scene
     from cm3leon.tokenize.text_bpe import TextTokenizer
 
     rng, cfg = np.random.default_rng(0), ShapesConfig(size=32)

@@ -8,7 +8,8 @@ from typing import Any
 from PIL import Image
 
 from cm3leon.eval.harness import EvalConfig, eval_control, eval_edit
-from cm3leon.shapes.world import ShapesConfig, make_example
+from cm3leon.shapes.dataset import make_example
+from cm3leon.shapes.world import ShapesConfig
 
 CFG = ShapesConfig(size=32, snap=4, max_objects=2, caption_order="reading")
 

@@ -279,7 +279,8 @@ def test_eval_t2i_judges_the_pick_when_reranking_and_every_sample_otherwise():
     from PIL import Image
 
     from cm3leon.eval.harness import EvalConfig, eval_t2i
-    from cm3leon.shapes.world import ShapesConfig, iter_examples
+    from cm3leon.shapes.dataset import iter_examples
+    from cm3leon.shapes.world import ShapesConfig
 
     recs = [r for r in iter_examples(40, ShapesConfig(size=32, max_objects=1), seed=3)][:4]
     blank = Image.new("RGB", (32, 32), (255, 255, 255))

@@ -13,7 +13,7 @@ from cm3leon.retrieval.encoder import load_encoder
 from cm3leon.retrieval.index import MemoryBank
 from cm3leon.retrieval.neighbors import load_neighbors
 from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
-from cm3leon.shapes.world import write_shapes_dataset
+from cm3leon.shapes.dataset import write_shapes_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -254,7 +254,8 @@ def test_token_init_std_sets_the_token_embedding_scale():
 
 
 def test_training_with_hard_negatives_records_them_and_checks_lengths():
-    from cm3leon.shapes.world import hard_negative_captions, iter_examples
+    from cm3leon.shapes.captions import hard_negative_captions
+    from cm3leon.shapes.dataset import iter_examples
 
     recs = list(iter_examples(48, seed=3))
     texts = [r.meta["captions"]["detailed"] for r in recs]
@@ -279,7 +280,7 @@ def test_recall_counts_relevant_keys():
 
 
 def test_training_smoke_on_shapes(tmp_path):
-    from cm3leon.shapes.world import iter_examples
+    from cm3leon.shapes.dataset import iter_examples
 
     recs = list(iter_examples(64, seed=5))
     tok = TextTokenizer.train([r.text for r in recs], 300)
@@ -296,7 +297,9 @@ def test_training_smoke_on_shapes(tmp_path):
 
 def shapes_pairs(n: int, seed: int):
     """Caption, image and (shape, color) multiset of ``n`` Shapes scenes."""
-    from cm3leon.shapes.world import ShapesConfig, describe, render, sample_scene
+    from cm3leon.shapes.captions import describe
+    from cm3leon.shapes.render import render
+    from cm3leon.shapes.world import ShapesConfig, sample_scene
 
     rng, cfg = np.random.default_rng(seed), ShapesConfig(size=32)
     out = []

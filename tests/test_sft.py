@@ -244,7 +244,7 @@ def image_tok():  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def shapes_records() -> list:
-    from cm3leon.shapes.world import make_example
+    from cm3leon.shapes.dataset import make_example
 
     return [make_example(s) for s in range(2)]
 

@@ -13,30 +13,20 @@ from PIL import Image
 from cm3leon.cli import main as cli_main
 from cm3leon.data.dataset import Dataset, DatasetWriter, load_manifest, read_dataset, write_dataset
 from cm3leon.data.records import DocRecord
+from cm3leon.shapes.captions import describe, hard_negative_captions, parse_caption, reading_order
+from cm3leon.shapes.dataset import TASKS, iter_examples, make_example, scene_of, write_shapes_dataset
+from cm3leon.shapes.render import SEG_PALETTE, depth_level, render, render_word
 from cm3leon.shapes.world import (
     BACKGROUND,
     COLORS,
     CORNERS,
     POSITIONS,
-    SEG_PALETTE,
     SHAPES,
-    TASKS,
     ObjectSpec,
     Scene,
     ShapeObject,
     ShapesConfig,
-    depth_level,
-    describe,
-    hard_negative_captions,
-    iter_examples,
-    make_example,
-    parse_caption,
-    reading_order,
-    render,
-    render_word,
     sample_scene,
-    scene_of,
-    write_shapes_dataset,
 )
 
 # Reference areas of each shape's footprint relative to its d x d box (continuous geometry).

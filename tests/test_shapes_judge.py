@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from cm3leon.shapes.captions import describe
 from cm3leon.shapes.judge import box_iou, detect_objects, judge, judge_detected
+from cm3leon.shapes.render import render
 from cm3leon.shapes.world import (
     COLORS,
     POSITIONS,
@@ -21,8 +23,6 @@ from cm3leon.shapes.world import (
     Scene,
     ShapeObject,
     ShapesConfig,
-    describe,
-    render,
     sample_scene,
 )
 

@@ -164,7 +164,7 @@ def toolkit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
     from cm3leon.data.dataset import Dataset
-    from cm3leon.shapes.world import write_shapes_dataset
+    from cm3leon.shapes.dataset import write_shapes_dataset
     from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig
     from cm3leon.tokenize.text_bpe import TextTokenizer
 

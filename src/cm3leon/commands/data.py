@@ -48,7 +48,8 @@ def add_shapes(sub: argparse._SubParsersAction) -> None:
 def _run_shapes(args: argparse.Namespace) -> int:
     import time
 
-    from cm3leon.shapes.world import ShapesConfig, write_shapes_dataset
+    from cm3leon.shapes.dataset import write_shapes_dataset
+    from cm3leon.shapes.world import ShapesConfig
 
     cfg = ShapesConfig(size=args.size, max_objects=args.max_objects, snap=args.snap)
     t0 = time.perf_counter()

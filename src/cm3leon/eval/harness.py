@@ -22,8 +22,8 @@ from cm3leon.data.records import DocRecord
 from cm3leon.eval import metrics
 from cm3leon.generate.logits import IMAGE_SAMPLE_MODES
 from cm3leon.pipeline import CM3Leon
+from cm3leon.shapes.captions import parse_caption
 from cm3leon.shapes.judge import judge
-from cm3leon.shapes.world import parse_caption
 
 log = logging.getLogger(__name__)
 

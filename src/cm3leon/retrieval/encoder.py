@@ -350,7 +350,7 @@ def train_dual_encoder(
     Pairs with identical captions are treated as positives of each other, so repeated
     captions (common in small synthetic worlds) are not pushed apart as negatives.
     ``negatives[i]``: hard-negative captions of pair i (e.g. its caption with two objects'
-    colors swapped, :func:`cm3leon.shapes.world.hard_negative_captions`); each step one of
+    colors swapped, :func:`cm3leon.shapes.captions.hard_negative_captions`); each step one of
     them per pair in the batch joins the image->text softmax (:func:`contrastive_loss`),
     which teaches the text tower which attribute belongs to which object (NegCLIP).
     """

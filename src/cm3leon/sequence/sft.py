@@ -343,7 +343,7 @@ def _pick_variant(task: str, rng: random.Random) -> int:
 
 
 def _shapes_narration(objects: Sequence[Mapping[str, Any]]) -> str:
-    from cm3leon.shapes.world import position_phrase
+    from cm3leon.shapes.captions import position_phrase
 
     n = len(objects)
     head = f"The image shows {n} object{'s' if n != 1 else ''} on a white background."

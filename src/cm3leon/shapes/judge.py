@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from cm3leon.shapes.captions import parse_caption
 from cm3leon.shapes.world import (
     BACKGROUND,
     COLORS,
@@ -39,7 +40,6 @@ from cm3leon.shapes.world import (
     SIZE_FRACTIONS,
     ObjectSpec,
     grid_position,
-    parse_caption,
     shape_mask,
 )
 

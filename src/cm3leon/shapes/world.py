@@ -1,40 +1,29 @@
-"""The built-in Shapes world: procedural images of a few colored shapes with exact ground truth.
+"""The Shapes world: its vocabulary, scenes, and the sampling of valid scenes.
 
 A scene holds 1-3 objects, each a ``shape`` (circle, square, triangle, diamond) of one of six
 ``color``s and two ``size``s, placed freely on a white canvas; its named ``position`` is the
 cell of a 3x3 grid holding its center. Later objects are drawn over earlier ones (their ``z``
-is their index). Rendering is aliasing-free (a pixel belongs to a shape iff its center does),
-so colors are exact and every annotation can be checked against the pixels.
+is their index). A pixel belongs to a shape iff its center does (:func:`shape_mask`), so
+rendering is aliasing-free (:mod:`.render`), colors are exact and every annotation can be
+checked against the pixels.
 
-From one scene every task of the paper's SFT mixture (Table 5) is derived: short and detailed
-captions, boxes (spatial grounding), segmentation / edge / depth maps (structure-to-image),
-VQA pairs, a reasoning item, an edit pair (recolor, reshape, move, add, remove) and a
-"how to write" image of a rendered word. :func:`make_example` packs all of them into a
-:class:`DocRecord`; :func:`write_shapes_dataset` writes many to the dataset format.
+The rest of the subpackage derives everything from a scene: :mod:`.render` (the image and
+its segmentation / edge / depth maps, rendered words), :mod:`.captions` (captions, their
+parser, hard negatives), :mod:`.annotations` (VQA pairs, a reasoning item, an edit pair),
+:mod:`.dataset` (one record with every annotation; datasets of them) and :mod:`.judge` (does
+an image show what its prompt asks?).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import os
-import re
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-
-from cm3leon.data.dataset import DatasetWriter, record_to_row
-from cm3leon.data.records import DocRecord
-
-log = logging.getLogger(__name__)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 # Six colors at least ~100 apart in RGB so nearest-color snapping survives noise and blur.
@@ -56,33 +45,7 @@ POSITIONS: tuple[str, ...] = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )
-_POSITION_PHRASES: dict[str, str] = {
-    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
-}
-# Segmentation maps fill each object with its class color on black.
-SEG_PALETTE: dict[str, tuple[int, int, int]] = {
-    "background": (0, 0, 0),
-    "circle": (255, 0, 0),
-    "square": (0, 255, 0),
-    "triangle": (0, 0, 255),
-    "diamond": (255, 255, 0),
-}
 CORNERS: dict[str, int] = {"circle": 0, "triangle": 3, "square": 4, "diamond": 4}
-WRITE_WORDS: tuple[str, ...] = (
-    "red", "green", "blue", "cat", "dog", "sun", "star", "tree", "book", "fish", "bird",
-    "hat", "cup", "moon", "box", "cake", "ship", "key", "lamp", "door", "sky", "leaf",
-    "rain", "snow", "shape", "cube", "dot", "line", "art", "map",
-)
-EDIT_KINDS: tuple[str, ...] = ("recolor", "reshape", "move", "add", "remove")
-TASKS: tuple[str, ...] = (
-    "caption", "detailed_caption", "grounding", "segmentation", "edge", "depth",
-    "vqa", "reasoning", "edit", "write",
-)
-_NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
-
-
 CAPTION_ORDERS = ("z", "reading")
 
 
@@ -239,75 +202,6 @@ def label_map(scene: Scene) -> np.ndarray:
     return lab
 
 
-def _lookup(lab: np.ndarray, colors: Sequence[tuple[int, int, int]], bg: tuple[int, int, int]) -> Image.Image:
-    table = np.array([*colors, bg], dtype=np.uint8)  # index -1 -> background
-    return Image.fromarray(table[lab], mode="RGB")
-
-
-def render(scene: Scene, cfg: ShapesConfig | None = None, *, labels: np.ndarray | None = None) -> Image.Image:
-    """The RGB image of ``scene`` (exact palette colors on a white background); ``labels``
-    reuses a :func:`label_map` of the scene."""
-    lab = label_map(scene) if labels is None else labels
-    return _lookup(lab, [COLORS[o.color] for o in scene.objects], BACKGROUND)
-
-
-def render_segmentation(scene: Scene, *, labels: np.ndarray | None = None) -> Image.Image:
-    """Each visible object pixel in its shape class color of :data:`SEG_PALETTE`, background black."""
-    lab = label_map(scene) if labels is None else labels
-    return _lookup(lab, [SEG_PALETTE[o.shape] for o in scene.objects], SEG_PALETTE["background"])
-
-
-def depth_level(z: int, max_objects: int = 3) -> int:
-    """Gray level of the object drawn ``z``-th: nearer (drawn later) is brighter; background 0."""
-    return int(round(255 * (z + 1) / max(3, max_objects)))
-
-
-def render_depth(scene: Scene, max_objects: int = 3, *, labels: np.ndarray | None = None) -> Image.Image:
-    """Layer map: each visible object pixel at :func:`depth_level` of its z, background black."""
-    levels = [(depth_level(z, max_objects),) * 3 for z in range(len(scene.objects))]
-    return _lookup(label_map(scene) if labels is None else labels, levels, (0, 0, 0))
-
-
-def render_edges(image: Image.Image) -> Image.Image:
-    """Canny edges of ``image``: white edges on black, RGB."""
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    edges = cv2.Canny(gray, 50, 100)
-    return Image.fromarray(edges, mode="L").convert("RGB")
-
-
-@functools.lru_cache(maxsize=1)
-def _bitmap_font() -> ImageFont.ImageFont:
-    return ImageFont.load_default_imagefont()
-
-
-def render_word(word: str, size: int) -> Image.Image:
-    """``word`` in PIL's bitmap font, scaled up (nearest neighbour) to fill a white canvas."""
-    font = _bitmap_font()
-    l, t, r, b = font.getbbox(word)
-    glyphs = Image.new("L", (r - l + 2, b - t + 2), 0)
-    ImageDraw.Draw(glyphs).text((1 - l, 1 - t), word, fill=255, font=font)
-    ink = glyphs.getbbox()
-    if ink is None:
-        raise ValueError(f"word {word!r} renders no ink")
-    glyphs = glyphs.crop(ink)
-    margin = max(1, size // 16)
-    scale = min((size - 2 * margin) // glyphs.width, (size - 2 * margin) // glyphs.height)
-    if scale < 1:
-        raise ValueError(f"word {word!r} is too long to write legibly on a {size} px canvas")
-    glyphs = glyphs.resize((glyphs.width * scale, glyphs.height * scale), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (size, size), BACKGROUND)
-    ox, oy = (size - glyphs.width) // 2, (size - glyphs.height) // 2
-    canvas.paste((0, 0, 0), (ox, oy, ox + glyphs.width, oy + glyphs.height), mask=glyphs)
-    return canvas
-
-
-@functools.lru_cache(maxsize=8)
-def writable_words(size: int) -> tuple[str, ...]:
-    """The words of :data:`WRITE_WORDS` that fit a ``size`` px canvas at scale >= 1."""
-    font = _bitmap_font()
-    margin = max(1, size // 16)
-    return tuple(w for w in WRITE_WORDS if font.getbbox(w)[2] <= size - 2 * margin)
-
 
 # --------------------------------------------------------------------------- sampling
 
@@ -353,23 +247,24 @@ def scene_is_valid(scene: Scene, cfg: ShapesConfig) -> bool:
     return True
 
 
-def _choice(rng: np.random.Generator, items: Sequence[Any]) -> Any:
+def choose(rng: np.random.Generator, items: Sequence[Any]) -> Any:
+    """One of ``items``, drawn uniformly with ``rng``."""
     return items[int(rng.integers(len(items)))]
 
 
 def _sample_object(rng: np.random.Generator, cfg: ShapesConfig, **fixed: Any) -> ShapeObject:
-    shape = fixed.get("shape") or _choice(rng, SHAPES)
-    color = fixed.get("color") or _choice(rng, list(COLORS))
-    size = fixed.get("size") or _choice(rng, SIZES)
+    shape = fixed.get("shape") or choose(rng, SHAPES)
+    color = fixed.get("color") or choose(rng, list(COLORS))
+    size = fixed.get("size") or choose(rng, SIZES)
     d = cfg.side(size)
     x0, y0 = cfg.corner(rng, d)
     return ShapeObject(shape, color, size, x0, y0, d)
 
 
-def _place(
+def place_object(
     rng: np.random.Generator, cfg: ShapesConfig, others: Sequence[ShapeObject], tries: int = 60, **fixed: Any
 ) -> ShapeObject | None:
-    """A new object (drawn on top of ``others``) keeping the scene valid, or None."""
+    """A new object (drawn on top of ``others``) keeping the scene valid, or None after ``tries``."""
     relaxed = dataclasses.replace(cfg, min_objects=1, max_objects=max(cfg.max_objects, len(others) + 1))
     for _ in range(tries):
         o = _sample_object(rng, cfg, **fixed)
@@ -385,449 +280,10 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig | None = None) -> S
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         objs: list[ShapeObject] = []
         for _ in range(n):
-            o = _place(rng, cfg, objs)
+            o = place_object(rng, cfg, objs)
             if o is None:
                 break
             objs.append(o)
         if len(objs) == n:
             return Scene(cfg.size, tuple(objs))
 
-
-# --------------------------------------------------------------------------- language
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _plural(shape: str) -> str:
-    return shape + "s"
-
-
-def _join(parts: Sequence[str]) -> str:
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def position_phrase(position: str) -> str:
-    """``"top left"`` -> ``"at the top left"``, ``"center"`` -> ``"in the center"``, ..."""
-    return _POSITION_PHRASES[position]
-
-
-def describe_object(obj: ObjectSpec | ShapeObject, canvas: int | None = None, *, detailed: bool = True) -> str:
-    """``"a large red circle at the top left"`` (detailed) or ``"a red circle"``."""
-    spec = obj if isinstance(obj, ObjectSpec) else ObjectSpec.from_object(obj, canvas or 0)
-    words = [spec.color, spec.shape]
-    if detailed and spec.size:
-        words.insert(0, spec.size)
-    text = f"{_article(words[0])} {' '.join(words)}"
-    if detailed and spec.position:
-        text += " " + position_phrase(spec.position)
-    return text
-
-
-def reading_order(specs: Sequence[ObjectSpec]) -> list[ObjectSpec]:
-    """``specs`` sorted top to bottom, then left to right, by named position (stable)."""
-    return sorted(specs, key=lambda s: POSITIONS.index(s.position or "center"))  # POSITIONS is in reading order
-
-
-def describe(scene: Scene | Sequence[ObjectSpec], detailed: bool = False) -> str:
-    """Caption of a scene: short (``"a red circle and two blue squares"``) or detailed
-    (``"a large red circle at the top left and a small blue square at the bottom right"``)."""
-    specs = (
-        [ObjectSpec.from_object(o, scene.size) for o in scene.objects] if isinstance(scene, Scene) else list(scene)
-    )
-    if not specs:
-        return "an empty canvas"
-    if detailed:
-        return _join([describe_object(s, detailed=True) for s in specs])
-    groups: Counter[tuple[str, str]] = Counter((s.color, s.shape) for s in specs)
-    parts = []
-    for (color, shape), k in groups.items():  # first-occurrence order
-        parts.append(f"{_article(color)} {color} {shape}" if k == 1 else f"{_NUMBER_WORDS[k]} {color} {_plural(shape)}")
-    return _join(parts)
-
-
-_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
-_SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "large": "large", "big": "large"}
-_POS_WORDS = {**{p: p for p in POSITIONS}, "middle": "center", "centre": "center"}
-_CAPTION_RE = re.compile(
-    r"\b(?P<count>an?|one|two|three|four|five)\s+"
-    r"(?:(?P<size>" + "|".join(_SIZE_WORDS) + r")\s+)?"
-    r"(?P<color>" + "|".join(COLORS) + r")\s+"
-    r"(?P<shape>" + "|".join(SHAPES) + r")(?P<plural>s)?\b"
-    r"(?:\s+(?:at|on|in)\s+the\s+(?P<pos>top left|top right|bottom left|bottom right|top|bottom|left|right|center|centre|middle))?"
-)
-
-
-def parse_caption(text: str) -> list[ObjectSpec]:
-    """Objects named in a Shapes caption (inverse of :func:`describe`, short or detailed).
-
-    Accepts counts (``"two red circles"``), optional sizes (small/large, also tiny/big) and
-    optional positions (``"at the top left"``, ``"in the center"``/``"in the middle"``).
-    """
-    specs: list[ObjectSpec] = []
-    for m in _CAPTION_RE.finditer(text.lower()):
-        k = _COUNT_WORDS[m["count"]]
-        size = _SIZE_WORDS[m["size"]] if m["size"] else None
-        pos = _POS_WORDS[m["pos"]] if m["pos"] else None
-        specs.extend(ObjectSpec(m["shape"], m["color"], size, pos) for _ in range(k))
-    return specs
-
-
-_ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
-    "color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "position": POSITIONS,
-}
-
-
-def hard_negative_captions(caption: str, rng: np.random.Generator, k: int = 4) -> list[str]:
-    """Up to ``k`` captions that differ from a detailed ``caption`` in one binding or attribute.
-
-    First every caption with one attribute (color, shape, size, position) swapped between
-    two objects (the binding errors a bag-of-words encoder cannot see), then captions with
-    one attribute of one object changed, drawn at random to fill ``k``. What a contrastive
-    re-ranker must learn to tell apart (NegCLIP-style hard negatives, used by
-    ``train_dual_encoder(negatives=...)``). A caption in reading order stays in reading
-    order. Returns [] if nothing is parsed.
-    """
-    specs = parse_caption(caption)
-    if not specs:
-        return []
-    in_reading_order = reading_order(specs) == specs
-    base = describe(specs, detailed=True)
-    swaps: dict[str, None] = {}
-    changes: dict[str, None] = {}
-
-    def add(to: dict[str, None], new: list[ObjectSpec]) -> None:
-        text = describe(reading_order(new) if in_reading_order else new, detailed=True)
-        if text != base and text not in swaps:
-            to[text] = None
-
-    for attr in _ATTRIBUTE_VALUES:
-        for i, a in enumerate(specs):
-            if getattr(a, attr) is None:
-                continue
-            for j in range(i + 1, len(specs)):
-                new = list(specs)
-                new[i] = dataclasses.replace(a, **{attr: getattr(specs[j], attr)})
-                new[j] = dataclasses.replace(specs[j], **{attr: getattr(a, attr)})
-                add(swaps, new)
-    for attr, values in _ATTRIBUTE_VALUES.items():
-        for i, a in enumerate(specs):
-            if getattr(a, attr) is None:
-                continue
-            for v in values:
-                if v != getattr(a, attr):
-                    new = list(specs)
-                    new[i] = dataclasses.replace(a, **{attr: v})
-                    add(changes, new)
-    out = list(swaps)[:k]
-    rest = list(changes)  # add() keeps swaps out of changes
-    if len(out) < k and rest:
-        pick = rng.choice(len(rest), size=min(k - len(out), len(rest)), replace=False)
-        out += [rest[i] for i in sorted(pick)]
-    return out
-
-
-def refer(scene: Scene, z: int) -> str | None:
-    """Shortest unambiguous noun phrase for object ``z`` (``"the red circle"``,
-    ``"the large red circle"``, ``"the red circle on the left"``), or None if none is."""
-    target = ObjectSpec.from_object(scene.objects[z], scene.size)
-    specs = [ObjectSpec.from_object(o, scene.size) for o in scene.objects]
-    for fields in (("color", "shape"), ("size", "color", "shape"), ("color", "shape", "position"),
-                   ("size", "color", "shape", "position")):
-        key = tuple(getattr(target, f) for f in fields)
-        if sum(tuple(getattr(s, f) for f in fields) == key for s in specs) == 1:
-            words = [getattr(target, f) for f in fields if f != "position"]
-            phrase = "the " + " ".join(words)
-            if "position" in fields:
-                phrase += " " + position_phrase(target.position or "center")
-            return phrase
-    return None
-
-
-# --------------------------------------------------------------------------- tasks
-
-
-def make_vqa(scene: Scene, rng: np.random.Generator, k: int = 6) -> list[dict[str, str]]:
-    """Up to ``k`` question/answer pairs of types count, color, shape, size, position,
-    relative and yes/no; the object count question is always included."""
-    objs, S = scene.objects, scene.size
-    n = len(objs)
-    shapes = Counter(o.shape for o in objs)
-    colors = Counter(o.color for o in objs)
-    cand: list[dict[str, str]] = []
-    for shape in sorted(shapes):
-        cand.append({"question": f"how many {_plural(shape)} are there?", "answer": str(shapes[shape]), "type": "count"})
-    for z, o in enumerate(objs):
-        if shapes[o.shape] == 1:
-            cand.append({"question": f"what color is the {o.shape}?", "answer": o.color, "type": "color"})
-        if colors[o.color] == 1:
-            cand.append({"question": f"what shape is the {o.color} object?", "answer": o.shape, "type": "shape"})
-        ref = refer(scene, z)
-        if ref and "position" not in ref:
-            cand.append({"question": f"where is {ref}?", "answer": scene.position(o), "type": "position"})
-            cand.append({"question": f"is {ref} small or large?", "answer": o.size, "type": "size"})
-    refs = [refer(scene, z) for z in range(n)]
-    for a in range(n):
-        for b in range(n):
-            if a == b or not refs[a] or not refs[b]:
-                continue
-            dx = objs[b].center[0] - objs[a].center[0]
-            dy = objs[b].center[1] - objs[a].center[1]
-            if abs(dx) >= S / 8:
-                cand.append({"question": f"is {refs[a]} to the left of {refs[b]}?",
-                             "answer": "yes" if dx > 0 else "no", "type": "relative"})
-            if abs(dy) >= S / 8:
-                cand.append({"question": f"is {refs[a]} above {refs[b]}?",
-                             "answer": "yes" if dy > 0 else "no", "type": "relative"})
-    present = {(o.color, o.shape) for o in objs}
-    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-    c, s = _choice(rng, sorted(present))
-    cand.append({"question": f"is there {_article(c)} {c} {s}?", "answer": "yes", "type": "yes/no"})
-    c, s = _choice(rng, absent)
-    cand.append({"question": f"is there {_article(c)} {c} {s}?", "answer": "no", "type": "yes/no"})
-    count_q = {"question": "how many objects are there?", "answer": str(n), "type": "count"}
-    picked = rng.choice(len(cand), size=min(k - 1, len(cand)), replace=False)
-    return [count_q] + [cand[i] for i in sorted(int(j) for j in picked)]
-
-
-def make_reasoning(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
-    """A multiple-choice question with context, options, explanation and answer."""
-    objs, n = scene.objects, len(scene.objects)
-    refs = [refer(scene, z) for z in range(n)]
-    items: list[dict[str, Any]] = []
-    named = [z for z in range(n) if refs[z]]
-    corner_hint = "Circles have no corners, triangles have three corners, and squares and diamonds have four."
-    if len(named) >= 2:
-        ys = sorted(named, key=lambda z: objs[z].center[1])
-        if objs[ys[1]].center[1] - objs[ys[0]].center[1] >= scene.size / 8:
-            top, other = ys[0], ys[1]
-            items.append({
-                "question": "Which object is highest in the image?", "context": "",
-                "options": [refs[z] for z in named],
-                "explanation": f"{refs[top].capitalize()} is {position_phrase(scene.position(objs[top]))}, "
-                               f"above {refs[other]} {position_phrase(scene.position(objs[other]))}.",
-                "answer": refs[top],
-            })
-        corners = sorted(named, key=lambda z: -CORNERS[objs[z].shape])
-        if CORNERS[objs[corners[0]].shape] > CORNERS[objs[corners[1]].shape]:
-            best = corners[0]
-            items.append({
-                "question": "Which object has the most corners?", "context": corner_hint,
-                "options": [refs[z] for z in named],
-                "explanation": f"{refs[best].capitalize()} is a {objs[best].shape} with "
-                               f"{CORNERS[objs[best].shape]} corners, more than any other object.",
-                "answer": refs[best],
-            })
-    total = sum(CORNERS[o.shape] for o in objs)
-    shapes_list = _join([f"{_article(o.shape)} {o.shape}" for o in objs])
-    opts = sorted({total, max(0, total - 1), total + 1, total + 3})
-    items.append({
-        "question": "How many corners do all the objects have together?", "context": corner_hint,
-        "options": [str(v) for v in opts],
-        "explanation": f"The image shows {shapes_list}; "
-                       + " + ".join(str(CORNERS[o.shape]) for o in objs) + f" = {total}.",
-        "answer": str(total),
-    })
-    if n >= 2:
-        items.append({
-            "question": "If one object were removed, how many objects would remain?", "context": "",
-            "options": [str(v) for v in range(max(0, n - 2), n + 2)],
-            "explanation": f"There are {_NUMBER_WORDS[n]} objects; removing one leaves {_NUMBER_WORDS.get(n - 1, str(n - 1))}."
-            if n - 1 > 0 else "",
-            "answer": str(n - 1),
-        })
-    return items[int(rng.integers(len(items)))]
-
-
-def _move_target(rng: np.random.Generator, cfg: ShapesConfig, scene: Scene, z: int) -> Scene | None:
-    old = scene.objects[z]
-    old_pos = scene.position(old)
-    for _ in range(40):
-        x0, y0 = cfg.corner(rng, old.d)
-        o = dataclasses.replace(old, x0=x0, y0=y0)
-        if grid_position(o.center, cfg.size) == old_pos:
-            continue
-        new = Scene(scene.size, scene.objects[:z] + (o,) + scene.objects[z + 1:])
-        if scene_is_valid(new, cfg):
-            return new
-    return None
-
-
-def make_edit(scene: Scene, rng: np.random.Generator, cfg: ShapesConfig) -> tuple[dict[str, Any], Scene]:
-    """A random feasible edit: ``({"kind", "instruction", "target"}, edited scene)``.
-
-    ``target`` is the z of the edited object in the source scene (None for ``add``); the
-    edited scene keeps every other object's geometry and z order.
-    """
-    n = len(scene.objects)
-    for kind in rng.permutation(EDIT_KINDS):
-        kind = str(kind)
-        if kind == "add":
-            if n >= cfg.max_objects:
-                continue
-            o = _place(rng, cfg, scene.objects)
-            if o is None:
-                continue
-            spec = ObjectSpec.from_object(o, scene.size)
-            return ({"kind": kind, "instruction": f"add {describe_object(spec)}", "target": None},
-                    Scene(scene.size, (*scene.objects, o)))
-        zs = [z for z in rng.permutation(n) if refer(scene, int(z))]
-        for z in (int(v) for v in zs):
-            ref, o = refer(scene, z), scene.objects[z]
-            rest = scene.objects[:z], scene.objects[z + 1:]
-            if kind == "remove":
-                if n <= cfg.min_objects:
-                    break
-                new = Scene(scene.size, rest[0] + rest[1])
-                if scene_is_valid(new, cfg):
-                    return {"kind": kind, "instruction": f"remove {ref}", "target": z}, new
-            elif kind == "recolor":
-                for c in rng.permutation(list(COLORS)):
-                    if c == o.color:
-                        continue
-                    new = Scene(scene.size, rest[0] + (dataclasses.replace(o, color=str(c)),) + rest[1])
-                    if scene_is_valid(new, cfg):
-                        return {"kind": kind, "instruction": f"make {ref} {c}", "target": z}, new
-            elif kind == "reshape":
-                for s in rng.permutation(list(SHAPES)):
-                    if s == o.shape:
-                        continue
-                    new = Scene(scene.size, rest[0] + (dataclasses.replace(o, shape=str(s)),) + rest[1])
-                    if scene_is_valid(new, cfg):
-                        return {"kind": kind, "instruction": f"turn {ref} into {_article(str(s))} {s}", "target": z}, new
-            elif kind == "move":
-                new = _move_target(rng, cfg, scene, z)
-                if new is not None:
-                    pos = new.position(new.objects[z])
-                    phrase = position_phrase(pos).replace("at the", "to the").replace("on the", "to the") \
-                        .replace("in the", "to the")
-                    return {"kind": kind, "instruction": f"move {ref} {phrase}", "target": z}, new
-    raise RuntimeError("no feasible edit for scene")  # unreachable: recolor always works for 1 object
-
-
-def _detailed_caption(scene: Scene, cfg: ShapesConfig) -> str:
-    if cfg.caption_order == "reading":
-        return describe(reading_order([ObjectSpec.from_object(o, scene.size) for o in scene.objects]), detailed=True)
-    return describe(scene, detailed=True)
-
-
-def make_example(
-    seed_or_rng: int | Sequence[int] | np.random.Generator,
-    cfg: ShapesConfig | None = None,
-    *,
-    id: str | None = None,
-) -> DocRecord:
-    """One Shapes document with every annotation.
-
-    ``record.image`` is the scene, ``record.text`` its short caption; ``record.meta`` holds
-    ``objects`` (the scene description), ``captions`` (short, detailed), ``vqa``,
-    ``reasoning``, ``edit`` (kind, instruction, target, objects of the edited scene),
-    ``write`` (the word), ``tasks`` and ``images`` (seg, edge, depth, edit_image, write_image).
-    """
-    cfg = cfg or ShapesConfig()
-    rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
-    scene = sample_scene(rng, cfg)
-    lab = label_map(scene)
-    image = render(scene, cfg, labels=lab)
-    edit, edited = make_edit(scene, rng, cfg)
-    word = _choice(rng, writable_words(cfg.size))
-    meta: dict[str, Any] = {
-        "source": "shapes",
-        "size": cfg.size,
-        "objects": scene.to_dicts(),
-        "captions": {"short": describe(scene), "detailed": _detailed_caption(scene, cfg)},
-        "vqa": make_vqa(scene, rng),
-        "reasoning": make_reasoning(scene, rng),
-        "edit": {**edit, "objects": edited.to_dicts()},
-        "write": {"text": word},
-        "tasks": list(TASKS),
-        "images": {
-            "seg": render_segmentation(scene, labels=lab),
-            "edge": render_edges(image),
-            "depth": render_depth(scene, cfg.max_objects, labels=lab),
-            "edit_image": render(edited, cfg),
-            "write_image": render_word(word, cfg.size),
-        },
-    }
-    if id is None:
-        id = f"shapes-{seed_or_rng}" if isinstance(seed_or_rng, int) else "shapes"
-    return DocRecord(id=id, text=meta["captions"]["short"], image=image, meta=meta)
-
-
-def scene_of(record: DocRecord) -> Scene:
-    """The :class:`Scene` stored in a Shapes record's meta."""
-    return Scene.from_dicts(int(record.meta["size"]), record.meta["objects"])
-
-
-# --------------------------------------------------------------------------- datasets
-
-
-def _example_rows(args: tuple[int, int, int, ShapesConfig]) -> list[dict[str, Any]]:
-    """Encoded rows for examples ``start..stop`` (each seeded by ``(seed, index)``)."""
-    seed, start, stop, cfg = args
-    return [
-        record_to_row(make_example([seed, i], cfg, id=f"shapes-{seed}-{i:07d}"))
-        for i in range(start, stop)
-    ]
-
-
-def iter_examples(n: int, cfg: ShapesConfig | None = None, seed: int = 0, start: int = 0) -> Iterator[DocRecord]:
-    """Examples ``start .. start+n-1`` of the stream seeded by ``seed`` (same as in datasets)."""
-    cfg = cfg or ShapesConfig()
-    for i in range(start, start + n):
-        yield make_example([seed, i], cfg, id=f"shapes-{seed}-{i:07d}")
-
-
-def write_shapes_dataset(
-    out: str | os.PathLike[str],
-    n: int,
-    size: int = 32,
-    seed: int = 0,
-    workers: int = 2,
-    *,
-    cfg: ShapesConfig | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
-    chunk: int = 250,
-) -> Path:
-    """Write ``n`` Shapes examples as a dataset at ``out``; the bytes depend only on
-    ``(n, cfg, seed)``, not on ``workers``. Returns the dataset path."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    cfg = cfg or ShapesConfig(size=size)
-    if cfg.size != size:
-        cfg = dataclasses.replace(cfg, size=size)
-    jobs = [(seed, s, min(n, s + chunk), cfg) for s in range(0, n, chunk)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="img", desc="shapes")
-    with DatasetWriter(out, source="shapes", seed=seed, overwrite=overwrite,
-                       extra_manifest={"shapes": dataclasses.asdict(cfg)}) as writer:
-        if workers <= 1:
-            results: Iterator[list[dict[str, Any]]] = map(_example_rows, jobs)
-            pool = None
-        else:
-            import multiprocessing as mp
-
-            pool = mp.get_context().Pool(workers)
-            results = pool.imap(_example_rows, jobs)
-        try:
-            for rows in results:
-                for row in rows:
-                    writer.add_row(row)
-                if bar is not None:
-                    bar.update(len(rows))
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            if bar is not None:
-                bar.close()
-    return writer.out
