@@ -17,7 +17,7 @@ from cm3leon.data.shards import Shards
 from cm3leon.sequence.build import IGNORE_INDEX
 from cm3leon.sequence.cm3 import cm3_inverse
 from cm3leon.sequence.document import split_documents
-from cm3leon.sequence.sft import (
+from cm3leon.sequence.sft_templates import (
     DOWN_THRESHOLD,
     TASKS,
     UP_THRESHOLD,

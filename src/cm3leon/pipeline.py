@@ -41,7 +41,7 @@ from cm3leon.model.transformer import Transformer
 from cm3leon.retrieval.encoder import Encoder, load_encoder
 from cm3leon.retrieval.index import MemoryBank
 from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
-from cm3leon.sequence.sft import format_box, render_prompt
+from cm3leon.sequence.sft_templates import format_box, render_prompt
 from cm3leon.tokenize.image_vq import ImageTokenizer
 from cm3leon.tokenize.text_bpe import TextTokenizer
 from cm3leon.vocab import Kind, Vocab

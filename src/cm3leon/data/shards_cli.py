@@ -83,7 +83,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
     from cm3leon.data.shards import attach_neighbors, tokenize_dataset
     from cm3leon.data.sources import open_source
-    from cm3leon.sequence.sft import read_sft_jsonl, record_sft_examples, tokenize_sft
+    from cm3leon.sequence.sft_templates import read_sft_jsonl, record_sft_examples, tokenize_sft
     from cm3leon.tokenize.image_vq import ImageTokenizer
     from cm3leon.tokenize.text_bpe import TextTokenizer
 
