@@ -17,25 +17,25 @@ from cm3leon.data.shards import Shards
 from cm3leon.sequence.build import IGNORE_INDEX
 from cm3leon.sequence.cm3 import cm3_inverse
 from cm3leon.sequence.document import split_documents
-from cm3leon.sequence.sft_templates import (
+from cm3leon.sequence.sft_mixture import (
     DOWN_THRESHOLD,
-    TASKS,
     UP_THRESHOLD,
     SFTDataset,
+    mixture_table,
+    mixture_weights,
+)
+from cm3leon.sequence.sft_shards import tokenize_sft
+from cm3leon.sequence.sft_sources import read_sft_jsonl, read_vqav2, record_sft_examples
+from cm3leon.sequence.sft_templates import (
+    TASKS,
     SFTExample,
     format_box,
     format_options,
     infill_form,
-    mixture_table,
-    mixture_weights,
-    read_sft_jsonl,
-    read_vqav2,
-    record_sft_examples,
     render_prompt,
     render_training,
-    shapes_sft_examples,
-    tokenize_sft,
 )
+from cm3leon.shapes.sft_examples import shapes_sft_examples
 from cm3leon.vocab import Vocab
 
 

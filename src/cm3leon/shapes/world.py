@@ -10,8 +10,8 @@ checked against the pixels.
 The rest of the subpackage derives everything from a scene: :mod:`.render` (the image and
 its segmentation / edge / depth maps, rendered words), :mod:`.captions` (captions, their
 parser, hard negatives), :mod:`.annotations` (VQA pairs, a reasoning item, an edit pair),
-:mod:`.dataset` (one record with every annotation; datasets of them) and :mod:`.judge` (does
-an image show what its prompt asks?).
+:mod:`.dataset` (one record with every annotation; datasets of them), :mod:`.sft_examples`
+(a record -> SFT task examples) and :mod:`.judge` (does an image show what its prompt asks?).
 """
 
 from __future__ import annotations
