@@ -180,7 +180,7 @@ def toolkit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _run_cli(argv: list[str]) -> int:
     import argparse
 
-    from cm3leon.data.shards_cli import add_tokenize_parser
+    from cm3leon.commands.data_tokenize import add_tokenize_parser
 
     parser = argparse.ArgumentParser()
     add_tokenize_parser(parser.add_subparsers())

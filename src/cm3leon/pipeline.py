@@ -38,7 +38,8 @@ from cm3leon.generate.logits import SamplingConfig
 from cm3leon.generate.rerank import rerank as rerank_images
 from cm3leon.model.io import load_model
 from cm3leon.model.transformer import Transformer
-from cm3leon.retrieval.encoder import Encoder, load_encoder
+from cm3leon.retrieval.encoder import load_encoder
+from cm3leon.retrieval.encoder_base import Encoder
 from cm3leon.retrieval.index import MemoryBank
 from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
 from cm3leon.sequence.sft_templates import format_box, render_prompt

@@ -183,7 +183,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 # Subcommands of `cm3leon data`, in --help order; append new `add_*` functions here.
 def add_tokenize(sub: argparse._SubParsersAction) -> None:
-    from cm3leon.data.shards_cli import add_tokenize_parser
+    from cm3leon.commands.data_tokenize import add_tokenize_parser
 
     add_tokenize_parser(sub)
 

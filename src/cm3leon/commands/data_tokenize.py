@@ -1,7 +1,8 @@
 """``cm3leon data tokenize``: a dataset -> tokenized shards (plain documents or the SFT mixture).
 
-The data CLI (``cm3leon.commands.data``) attaches this subcommand by calling
-:func:`add_tokenize_parser` on its subparsers.
+The data CLI (:mod:`cm3leon.commands.data`) attaches this subcommand by calling
+:func:`add_tokenize_parser` on its subparsers. The work is the library's:
+:func:`cm3leon.data.shards.tokenize_dataset` and :func:`cm3leon.sequence.sft_shards.tokenize_sft`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
-
-NEIGHBORS_FILE = "neighbors.npy"
 
 
 def add_tokenize_parser(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,6 +63,8 @@ def _neighbors_path(args: argparse.Namespace) -> Path | None:
             raise FileNotFoundError(f"--neighbors {path} not found")
         return path
     if args.index:
+        from cm3leon.retrieval.neighbors import NEIGHBORS_FILE
+
         path = Path(args.index) / NEIGHBORS_FILE
         if not path.is_file():
             raise FileNotFoundError(
@@ -83,7 +84,8 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
     from cm3leon.data.shards import attach_neighbors, tokenize_dataset
     from cm3leon.data.sources import open_source
-    from cm3leon.sequence.sft_templates import read_sft_jsonl, record_sft_examples, tokenize_sft
+    from cm3leon.sequence.sft_shards import tokenize_sft
+    from cm3leon.sequence.sft_sources import read_sft_jsonl, record_sft_examples
     from cm3leon.tokenize.image_vq import ImageTokenizer
     from cm3leon.tokenize.text_bpe import TextTokenizer
 
