@@ -90,7 +90,7 @@ def test_a_reranker_directory_re_ranks_instead_of_the_retrieval_encoder(pipe, mo
 
 
 def test_sampling_modes_run(pipe):
-    for kw in ({"cd_k": 4}, {"mix": True}, {"guidance": 1.0, "top_k": 5}):
+    for kw in ({"cd_k": 4}, {"mode": "mix"}, {"mode": "cd_k"}, {"guidance": 1.0, "top_k": 5}):
         r = pipe.generate_image("a green triangle", n=2, **kw)
         assert len(r.images) == 2
 

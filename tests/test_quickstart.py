@@ -3,8 +3,10 @@ and a rerun reuses finished stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +45,7 @@ def test_report_files_and_metrics(run):
             "sampling_mix", "rerank_on", "rerank_off"} <= set(ab)
     html = (out / "report.html").read_text()
     assert "Ablations" in html and "t2i.png" in html
-    assert "CFG\n1.5" in html and "half CFG + top-p, half CD-K with k=1, alpha=0.3" in html  # the main setting
+    assert "CFG\n1.5" in html and "2 samples per prompt (all CFG + top-p)" in html  # the main setting
     assert (out / "model" / "model.safetensors").exists()
     assert "reranker" in stages and (out / "model" / "reranker" / "encoder.json").exists()  # smoke trains one
 
@@ -88,7 +90,7 @@ def test_a_stopped_training_stage_is_not_recorded_done_and_resumes(run, tmp_path
     out, report = run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    steps = report["preset"]["sft_steps"] * 2
+    steps = report["sft"]["steps"] * 2
 
     class StopAtOnce(loop.StopRequest):
         def __init__(self) -> None:
@@ -134,21 +136,59 @@ def test_eval_cli_on_the_quickstart_model(run, tmp_path, capsys):
     assert set(got) == {"t2i", "caption"}
     assert 0.0 <= got["t2i"]["metrics"]["judge_all_correct"] <= 1.0
     assert main([*argv[:-2], "--temperature", "0"]) != 0
-    assert "--temperature > 0" in capsys.readouterr().err
+    assert "temperature must be > 0" in capsys.readouterr().err
 
 
 def test_presets_and_errors():
-    from cm3leon.quickstart import _model_config
     from cm3leon.vocab import Vocab
 
     assert {"smoke", "default", "gpu"} <= set(PRESETS)
     v = Vocab(text_size=512, image_size=512, image_seq_len=64)
-    on = _model_config(get_preset("default"), v)
-    assert on.image_tokens == 64 and on.image_axial
-    off = _model_config(get_preset("default", image_pos_emb=False), v)  # axial needs the place embedding
-    assert off.image_tokens == 0 and not off.image_axial
+    run = get_preset("default").pretrain_run(v, Path("/ws"), "cpu")
+    assert run.model_overrides["image_tokens"] == 64 and run.model_overrides["image_axial"]
+    assert run.data.train == str(Path("/ws/shards/pretrain").resolve())
     with pytest.raises(ValueError, match="unknown quickstart preset"):
         get_preset("huge")
+
+
+def test_the_quickstart_trains_with_its_recipes_plus_overrides(run):
+    """What the quickstart's training stages ran is ``get_recipe(name)`` with only the
+    workspace paths, the image-place sizes of its image tokenizer, the seed and the device
+    changed: `cm3leon train --recipe smoke` is the smoke preset's pretraining."""
+    from cm3leon.train.config import RunConfig
+    from cm3leon.train.recipes import get_recipe
+
+    out, report = run
+    vocab = json.loads((out / "model" / "vocab.json").read_text())
+    for stage, name in (("pretrain", "smoke"), ("sft", "sft-smoke")):
+        rec = json.loads((out / stage / "stage.json").read_text())
+        ran = RunConfig.from_dict({**rec["inputs"]["run"], "data": {**rec["inputs"]["run"]["data"], "train": "x"}})
+        want = get_recipe(name)
+        assert ran.train == dataclasses.replace(want.train, seed=0, device="cpu"), stage
+        assert ran.model == want.model and ran.data.options == want.data.options, stage
+        assert ran.data.seq_len == want.data.seq_len and ran.data.kind == want.data.kind, stage
+        assert ran.model_overrides == {**want.model_overrides, "image_tokens": vocab["image_seq_len"],
+                                       "image_vocab": vocab["image_size"]}, stage
+        # and the trained model has exactly the recipe's shape
+        cfg = json.loads((out / stage / "config.json").read_text())
+        for k, v in ran.model_overrides.items():
+            assert cfg[k] == v, (stage, k)
+    assert report["pretrain"]["steps"] == get_recipe("smoke").train.steps
+    assert report["sft"]["steps"] == get_recipe("sft-smoke").train.steps
+
+
+def test_model_directories_carry_the_measured_decoding_defaults(run):
+    from cm3leon.generate.generation_config import GenerationConfig
+    from cm3leon.quickstart import SHAPES_GENERATION
+
+    out, _ = run
+    for d in ("model", "model_pretrained"):
+        assert GenerationConfig.load(out / d) == SHAPES_GENERATION
+    t2i = SHAPES_GENERATION.text_to_image
+    assert (t2i.sampling.guidance, t2i.sampling.temperature, t2i.sampling.top_p, t2i.samples, t2i.mode,
+            t2i.rerank, t2i.retrieve) == (1.5, 0.5, 1.0, 16, "top_p", True, 0)
+    e = SHAPES_GENERATION.edit.sampling
+    assert (e.image_guidance, e.text_guidance, e.temperature, e.top_p) == (1.25, 1.25, 0.5, 1.0)
 
 
 def test_stage_with_changed_inputs_is_redone_from_an_empty_folder(tmp_path):
@@ -162,16 +202,17 @@ def test_stage_with_changed_inputs_is_redone_from_an_empty_folder(tmp_path):
         return fn
 
     p = get_preset("smoke")
-    assert Stages(tmp_path, p).run("s", stage("a"), ("pretrain_steps",)) == {"tag": "a"}
-    assert Stages(tmp_path, p).run("s", stage("never"), ("pretrain_steps",)) == {"tag": "a"}  # reused
-    p2 = get_preset("smoke", pretrain_steps=p.pretrain_steps + 1)
-    assert Stages(tmp_path, p2).run("s", stage("b"), ("pretrain_steps",)) == {"tag": "b"}
+    assert Stages(tmp_path, p).run("s", stage("a"), ("encoder_steps",)) == {"tag": "a"}
+    assert Stages(tmp_path, p).run("s", stage("never"), ("encoder_steps",)) == {"tag": "a"}  # reused
+    p2 = get_preset("smoke", encoder_steps=p.encoder_steps + 1)
+    assert Stages(tmp_path, p2).run("s", stage("b"), ("encoder_steps",)) == {"tag": "b"}
     assert (tmp_path / "s" / "old.txt").read_text() == "b"
+    assert Stages(tmp_path, p2).run("s", stage("c"), ("encoder_steps",), inputs={"run": {"lr": 1}}) == {"tag": "c"}
 
 
 def test_a_stage_reruns_only_when_its_own_or_upstream_inputs_change(tmp_path):
     """Changing an evaluation knob of the pretrained model must not redo SFT (a sibling stage)."""
-    from cm3leon.quickstart import Stages
+    from cm3leon.quickstart import EvalStage, Stages
 
     ran: list[str] = []
 
@@ -181,78 +222,68 @@ def test_a_stage_reruns_only_when_its_own_or_upstream_inputs_change(tmp_path):
             return {}
         return fn
 
-    def pipeline(p):
+    def pipeline(p, pre_steps=24):
         st = Stages(tmp_path, p)
-        st.run("pretrain", stage("pretrain"), ("pretrain_steps",))
-        st.run("eval_pretrained", stage("eval_pretrained"), ("eval_temperature",), after=("pretrain",))
+        st.run("pretrain", stage("pretrain"), inputs={"run": {"steps": pre_steps}})
+        st.run("eval_pretrained", stage("eval_pretrained"), ("eval",), after=("pretrain",))
         st.run("sft", stage("sft"), ("sft_steps",), after=("pretrain",))
-        st.run("eval", stage("eval"), ("eval_temperature",), after=("sft",))
+        st.run("eval", stage("eval"), ("eval",), after=("sft",))
 
     p = get_preset("smoke")
     pipeline(p)
     assert ran == ["pretrain", "eval_pretrained", "sft", "eval"]
     ran.clear()
-    pipeline(get_preset("smoke", eval_temperature=0.9))
+    pipeline(get_preset("smoke", eval=EvalStage(n=7)))
     assert ran == ["eval_pretrained", "eval"]
     ran.clear()
-    pipeline(get_preset("smoke", eval_temperature=0.9, pretrain_steps=p.pretrain_steps + 1))
+    pipeline(get_preset("smoke", eval=EvalStage(n=7)), pre_steps=25)
     assert ran == ["pretrain", "eval_pretrained", "sft", "eval"]
     with pytest.raises(ValueError, match="have not run yet"):
         Stages(tmp_path, p).run("x", stage("x"), after=("nope",))
 
 
-def test_train_seed_joins_the_key_only_when_set(tmp_path):
-    """Workspaces made before the seed knob existed stay valid; another seed redoes training."""
-    import json as _json
-
-    from cm3leon.quickstart import Stages
-
-    ran: list[str] = []
-
-    def stage(d):
-        ran.append(d.name)
-        return {}
-
-    p = get_preset("smoke")
-    Stages(tmp_path, p).run("pretrain", stage, ("pretrain_steps", "train_seed"))
-    inputs = _json.loads((tmp_path / "pretrain" / "stage.json").read_text())["inputs"]
-    assert "train_seed" not in inputs and "pretrain_steps" in inputs  # the key of a pre-seed workspace
-    Stages(tmp_path, p).run("pretrain", stage, ("pretrain_steps", "train_seed"))
-    assert ran == ["pretrain"]  # reused
-    Stages(tmp_path, get_preset("smoke", train_seed=1)).run("pretrain", stage, ("pretrain_steps", "train_seed"))
-    assert ran == ["pretrain", "pretrain"]
-
-
 def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
     from cm3leon import quickstart
     from cm3leon.cli import main
+    from cm3leon.train.recipes import SFT_MIXES
 
     seen = {}
 
-    def fake_run(out, preset, force=False):
-        seen["seed"], seen["sft_steps"] = preset.train_seed, preset.sft_steps
-        seen["shares"], seen["records"] = preset.sft_shares, preset.sft_records
+    def fake_run(out, preset, device="auto", force=False):
+        seen["seed"], seen["sft_steps"] = preset.seed, preset.sft_steps
+        seen["mix"], seen["records"] = preset.sft_mix, preset.sft_records
         return {"metrics": [], "stage_seconds": {}}
 
     monkeypatch.setattr(quickstart, "run_quickstart", fake_run)
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--seed", "3"]) == 0
     smoke = quickstart.get_preset("smoke")
-    assert seen == {"seed": 3, "sft_steps": smoke.sft_steps, "shares": smoke.sft_shares, "records": smoke.sft_records}
+    assert seen == {"seed": 3, "sft_steps": None, "mix": None, "records": smoke.sft_records}
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "40",
                  "--sft-records", "90"]) == 0
-    assert seen == {"seed": 0, "sft_steps": 40, "shares": smoke.sft_shares, "records": 90}
+    assert seen == {"seed": 0, "sft_steps": 40, "mix": None, "records": 90}
     assert main(["quickstart", "--out", str(tmp_path), "--preset", "default", "--sft-mix", "copy"]) == 0
-    assert seen["shares"] == quickstart.SHAPES_SFT_SHARES_COPY != quickstart.get_preset("default").sft_shares
-    assert seen["sft_steps"] == quickstart.get_preset("default").sft_steps
+    assert seen["mix"] == "copy" and seen["sft_steps"] is None
     # the CLI lists the mixes literally (it must not import torch to build its parser)
     from cm3leon.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["quickstart"]
-    assert set(next(a for a in sub._actions if a.dest == "sft_mix").choices) == set(quickstart.SFT_MIXES)
+    assert set(next(a for a in sub._actions if a.dest == "sft_mix").choices) == set(SFT_MIXES)
     with pytest.raises(SystemExit, match="sft-steps"):
         main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-steps", "0"])
     with pytest.raises(SystemExit, match="sft-records"):
         main(["quickstart", "--out", str(tmp_path), "--preset", "smoke", "--sft-records", "-1"])
+
+
+def test_sft_steps_and_mix_reach_the_sft_run():
+    from cm3leon.train.recipes import SHAPES_SFT_SHARES_COPY, get_recipe
+    from cm3leon.vocab import Vocab
+
+    v = Vocab(text_size=512, image_size=512, image_seq_len=64)
+    run = get_preset("default", sft_steps=3840, sft_mix="copy").sft_run(v, Path("/ws"), "cpu")
+    assert run.train == dataclasses.replace(get_recipe("sft-quickstart", steps=3840).train, device="cpu")
+    assert run.train.warmup_steps == 192 and run.train.ckpt_every == 1920  # the schedule follows the steps
+    assert run.data.options["target_shares"] == SHAPES_SFT_SHARES_COPY
+    assert run.init_from == str(Path("/ws/pretrain").resolve())
 
 
 def test_t2i_grid_shows_every_object_count():
@@ -267,10 +298,13 @@ def test_t2i_grid_shows_every_object_count():
 
 
 def test_eval_t2i_rejects_an_unknown_sampling_mode():
-    from cm3leon.eval.harness import EvalConfig, eval_t2i
+    from types import SimpleNamespace
 
-    with pytest.raises(ValueError, match="sampling mode 'beam'"):
-        eval_t2i(None, [], EvalConfig(mode="beam"))  # type: ignore[arg-type]
+    from cm3leon.eval.harness import EvalConfig, eval_t2i
+    from cm3leon.generate.generation_config import PAPER_DEFAULTS
+
+    with pytest.raises(ValueError, match="mode must be one of"):
+        eval_t2i(SimpleNamespace(generation_config=PAPER_DEFAULTS), [], EvalConfig(), mode="beam")  # type: ignore
 
 
 def test_eval_t2i_judges_the_pick_when_reranking_and_every_sample_otherwise():
@@ -279,6 +313,7 @@ def test_eval_t2i_judges_the_pick_when_reranking_and_every_sample_otherwise():
     from PIL import Image
 
     from cm3leon.eval.harness import EvalConfig, eval_t2i
+    from cm3leon.generate.generation_config import PAPER_DEFAULTS
     from cm3leon.shapes.dataset import iter_examples
     from cm3leon.shapes.world import ShapesConfig
 
@@ -288,22 +323,23 @@ def test_eval_t2i_judges_the_pick_when_reranking_and_every_sample_otherwise():
     class Pipe:  # sample 0 is the real image (right), sample 1 a blank canvas (wrong)
         encoder = None
         reranker = object()
+        generation_config = PAPER_DEFAULTS
 
         def generate_images(self, prompts, n, **kw):
             by_caption = {r.meta["captions"]["detailed"]: r.image for r in recs}
             return [SimpleNamespace(images=[by_caption[p], blank][:n]) for p in prompts]
 
-    cfg = EvalConfig(samples=2)
-    picked = eval_t2i(Pipe(), recs, cfg, rerank=True).metrics  # type: ignore[arg-type]
-    every = eval_t2i(Pipe(), recs, cfg, rerank=False).metrics  # type: ignore[arg-type]
+    cfg = EvalConfig()
+    picked = eval_t2i(Pipe(), recs, cfg, samples=2, rerank=True).metrics  # type: ignore[arg-type]
+    every = eval_t2i(Pipe(), recs, cfg, samples=2, rerank=False).metrics  # type: ignore[arg-type]
     assert picked["judge_all_correct_1obj"] == 1.0
     assert every["judge_all_correct_1obj"] == 0.5
 
 
 def test_preset_rejects_bad_knobs():
-    with pytest.raises(ValueError, match="eval_mode"):
-        get_preset("smoke", eval_mode="beam")
-    with pytest.raises(ValueError, match="encoder_detailed_prob"):
-        get_preset("smoke", encoder_detailed_prob=1.5)
-    with pytest.raises(ValueError, match="eval_retrieve"):
-        get_preset("smoke", eval_retrieve=3)
+    with pytest.raises(ValueError, match="sft_mix"):
+        get_preset("smoke", sft_mix="beam")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_preset("smoke", pretrain="nope")
+    with pytest.raises(ValueError, match="sft_steps"):
+        get_preset("smoke", sft_steps=0)

@@ -10,7 +10,8 @@ import pytest
 from cm3leon.cli import main
 from cm3leon.data.shards import write_documents
 from cm3leon.model.io import load_model
-from cm3leon.train.config import RECIPES, DataConfig, RunConfig, TrainConfig
+from cm3leon.train.config import DataConfig, RunConfig, TrainConfig
+from cm3leon.train.recipes import RECIPES
 from cm3leon.vocab import Vocab
 from test_train_synth import VOCAB, SynthData, one_thread
 

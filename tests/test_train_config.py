@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cm3leon.config import MODEL_PRESETS
-from cm3leon.train.config import RECIPES, DataConfig, RunConfig, TrainConfig, get_recipe
+from cm3leon.train.config import DataConfig, RunConfig, TrainConfig
+from cm3leon.train.recipes import RECIPES, get_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -10,6 +10,7 @@ A model directory (like a Hugging Face one) holds everything inference needs::
       reranker/                                    optional: an encoder for CLIP re-ranking only (default: the retrieval encoder)
       retrieval/bank/                              optional: FAISS index + document vectors
       retrieval/memory/                            optional: the bank's documents as token shards
+      generation_config.json                       optional: decoding defaults per task (generate/generation_config.py)
 
 ``CM3Leon.from_pretrained(dir)`` loads it; every task prompt comes from the SFT template
 table (``sequence/sft.py``), so inference prompts are exactly the training sequences with
@@ -32,7 +33,8 @@ from PIL import Image
 from cm3leon.config import load_json
 from cm3leon.data.records import DocRecord
 from cm3leon.data.shards import Shards
-from cm3leon.generate.decode import generate_image_tokens, generate_text, sample_mix
+from cm3leon.generate.decode import DEFAULT_MIX_CD_K, generate_image_tokens, generate_text, sample_mix
+from cm3leon.generate.generation_config import PAPER_DEFAULTS, GenerationConfig, TaskDecoding
 from cm3leon.generate.guidance import unconditional_prompt
 from cm3leon.generate.logits import SamplingConfig
 from cm3leon.generate.rerank import rerank as rerank_images
@@ -96,6 +98,7 @@ class CM3Leon:
         bank: MemoryBank | None = None,
         memory: Shards | None = None,
         reranker: Encoder | None = None,
+        generation_config: GenerationConfig = PAPER_DEFAULTS,
         device: str | torch.device = "cpu",
     ) -> None:
         if model.cfg.vocab_size != vocab.size:
@@ -119,6 +122,8 @@ class CM3Leon:
         # What re-ranks generated images: a dedicated encoder if the directory has one (it can
         # be trained for fine-grained matching without changing what the retriever finds).
         self.reranker = reranker if reranker is not None else encoder
+        # Every task's decoding defaults; explicit arguments to the task methods override them.
+        self.generation_config = generation_config
 
     # ---- loading / saving ------------------------------------------------------------
     @classmethod
@@ -149,7 +154,7 @@ class CM3Leon:
                     "they come from different builds - rebuild the model directory"
                 )
         return cls(model, vocab, text_tok, image_tok, encoder=encoder, bank=bank, memory=memory, reranker=reranker,
-                   device=device)
+                   generation_config=GenerationConfig.load(d), device=device)
 
     @staticmethod
     def assemble(
@@ -162,12 +167,16 @@ class CM3Leon:
         bank_dir: str | Path | None = None,
         memory_dir: str | Path | None = None,
         reranker_dir: str | Path | None = None,
+        generation_config: GenerationConfig | None = None,
     ) -> Path:
-        """Copy trained components into one self-contained model directory."""
+        """Copy trained components into one self-contained model directory, with its
+        decoding defaults (``generation_config.json``) when given."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "model.safetensors", "vocab.json"):
             shutil.copy2(Path(model_dir) / name, out / name)
+        if generation_config is not None:
+            generation_config.save(out)
         parts = [(text_tokenizer_dir, TEXT_TOKENIZER_DIR), (image_tokenizer_dir, IMAGE_TOKENIZER_DIR),
                  (encoder_dir, ENCODER_DIR), (bank_dir, BANK_DIR), (memory_dir, MEMORY_DIR), (reranker_dir, RERANKER_DIR)]
         for src, rel in parts:
@@ -227,45 +236,56 @@ class CM3Leon:
         return self.decode_text(self.memory[doc_id])  # type: ignore[index]
 
     # ---- tasks (batched forms first; the singular methods call them) -------------------
+    def defaults(self, task: str, **overrides: Any) -> TaskDecoding:
+        """Task ``task``'s decoding settings: the model's ``generation_config.json`` with the
+        given (non-None) fields overriding it (``samples`` is the task methods' ``n``)."""
+        n = overrides.get("samples")
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"n must be >= 1, got {n!r}")
+        return self.generation_config.task(task).replace(**overrides)
+
     def generate_images(
         self,
         prompts: Sequence[str],
         *,
-        n: int = 1,
-        guidance: float = 3.0,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
+        n: int | None = None,
+        guidance: float | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         top_k: int | None = None,
         cd_k: int | None = None,
-        cd_alpha: float = 0.1,
-        mix: bool = False,
-        retrieve: int = 0,
-        rerank: bool = False,
+        cd_alpha: float | None = None,
+        mode: str | None = None,
+        retrieve: int | None = None,
+        rerank: bool | None = None,
         seed: int = 0,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         callback_every: int = 16,
     ) -> list[GenerationResult]:
         """Text-to-image for a batch of prompts (paper §3), all decoded in one batch.
 
-        Each prompt becomes ``<eos> prompt <break>`` (the ``text_to_image`` template); CFG mixes it with the unconditional
-        stream ``<eos> <mask:0> <break>``. ``cd_k`` switches to CD-K (``cd_alpha`` its alpha); ``mix`` draws half
-        top-p+CFG and half CD-K (the paper's mix); ``retrieve`` prepends 0/1/2 retrieved
-        documents to every stream; ``rerank`` orders each prompt's ``n`` samples by CLIP
-        score with ``self.reranker`` (the model directory's ``reranker/``, else the
-        retrieval encoder; best first). ``callback(n_done, codes)`` sees the
-        partial codes every ``callback_every`` tokens (progressive previews).
+        Each prompt becomes ``<eos> prompt <break>`` (the ``text_to_image`` template); CFG mixes it with the
+        unconditional stream ``<eos> <mask:0> <break>``. Settings left ``None`` come from the model's
+        ``generation_config.json`` (``text_to_image``). ``mode``: ``top_p`` (CFG + nucleus), ``cd_k`` (CD-K with
+        ``cd_k`` / ``cd_alpha``) or ``mix`` (half each, the paper's sample set); a ``cd_k`` given without a
+        ``mode`` selects CD-K. ``retrieve`` prepends 0/1/2 retrieved documents to every stream; ``rerank`` orders
+        each prompt's ``n`` samples by CLIP score with ``self.reranker`` (the model directory's ``reranker/``,
+        else the retrieval encoder; best first). ``callback(n_done, codes)`` sees the partial codes every
+        ``callback_every`` tokens (progressive previews).
         """
         prompts = [_check_prompt(p) for p in prompts]
         if not prompts:
             raise ValueError("no prompts given")
-        if n <= 0:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if retrieve not in (0, 1, 2):
-            raise ValueError(f"retrieve must be 0, 1 or 2 documents (paper §3.2), got {retrieve}")
+        if mode is None and cd_k is not None:
+            mode = "cd_k"
+        d = self.defaults("text_to_image", samples=n, guidance=guidance, temperature=temperature, top_p=top_p,
+                          top_k=top_k, cd_k=cd_k, cd_alpha=cd_alpha, mode=mode, retrieve=retrieve, seed=seed)
+        n, mode, retrieve = d.samples, d.mode, d.retrieve
         if rerank and self.reranker is None:
             raise ValueError("rerank=True needs an encoder in the model directory (reranker/ or retrieval/encoder)")
-        cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, guidance=guidance, cd_k=cd_k,
-                             cd_alpha=cd_alpha, seed=seed)
+        rerank = d.rerank and self.reranker is not None if rerank is None else rerank
+        cd = d.sampling.cd_k or DEFAULT_MIX_CD_K
+        cfg = dataclasses.replace(d.sampling, cd_k=cd if mode == "cd_k" else None)
         ret_ids = self.retrieve_batch(texts=prompts, k=retrieve) if retrieve else [[] for _ in prompts]
         conds, unconds = [], []
         for p, ids in zip(prompts, ret_ids):
@@ -274,11 +294,12 @@ class CM3Leon:
             conds.append(prefix + query)
             unconds.append(prefix + unconditional_prompt(query, self.vocab))
             self._check_fits(conds[-1], self.vocab.image_seq_len)
-        if mix:
-            codes, _ = sample_mix(self.model, self.vocab, conds, cfg, n_per_prompt=n, uncond_prompts=unconds,
-                                  callback=callback, callback_every=callback_every)
+        if mode == "mix":
+            codes, _ = sample_mix(self.model, self.vocab, conds, dataclasses.replace(cfg, cd_k=d.sampling.cd_k),
+                                  n_per_prompt=n, uncond_prompts=unconds, callback=callback,
+                                  callback_every=callback_every)
         else:
-            guided = guidance != 1.0 or cd_k is not None  # scale 1 without CD-K is plain decoding: one stream
+            guided = cfg.guidance != 1.0 or cfg.cd_k is not None  # scale 1 without CD-K is plain decoding: one stream
             codes = generate_image_tokens(self.model, self.vocab, conds, cfg, uncond_prompts=unconds if guided else None,
                                           n_per_prompt=n, callback=callback, callback_every=callback_every)
         images = self.decode_images(codes)
@@ -298,7 +319,8 @@ class CM3Leon:
         """Text-to-image for one prompt; keywords as :meth:`generate_images`."""
         return self.generate_images([prompt], **kw)[0]
 
-    def _text_tasks(self, task: str, fields: Sequence[dict[str, Any]], *, max_new_tokens: int) -> list[str]:
+    def _text_tasks(self, task: str, fields: Sequence[dict[str, Any]], d: TaskDecoding) -> list[str]:
+        max_new_tokens = d.max_new_tokens
         prompts = []
         for f in fields:
             ids, kind = render_prompt(task, f, self.text_tokenizer, self.vocab)
@@ -306,7 +328,7 @@ class CM3Leon:
                 raise ValueError(f"task {task!r} produces {kind}, not text")
             self._check_fits(ids, max_new_tokens)
             prompts.append(ids)
-        out = generate_text(self.model, self.vocab, prompts, SamplingConfig(greedy=True), max_new_tokens=max_new_tokens)
+        out = generate_text(self.model, self.vocab, prompts, d.sampling, max_new_tokens=max_new_tokens)
         return [self.decode_text(o).strip() for o in out]
 
     def _image_tasks(self, task: str, fields: Sequence[dict[str, Any]], cfg: SamplingConfig, *,
@@ -327,64 +349,71 @@ class CM3Leon:
             raise ValueError("no images given")
         return self.encode_images([_open_image(i) for i in images]).tolist()
 
-    def captions(self, images: Sequence[ImageLike], *, detailed: bool = False, max_new_tokens: int = 64) -> list[str]:
-        """Describe each image (short, or "in very detail")."""
+    def captions(self, images: Sequence[ImageLike], *, detailed: bool = False,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Describe each image (short, or "in very detail"); decoding from ``generation_config`` (``caption``)."""
         task = "detailed_caption" if detailed else "caption"
-        return self._text_tasks(task, [{"image": c} for c in self._codes_of(images)], max_new_tokens=max_new_tokens)
+        d = self.defaults("caption", max_new_tokens=max_new_tokens)
+        return self._text_tasks(task, [{"image": c} for c in self._codes_of(images)], d)
 
-    def caption(self, image: ImageLike, *, detailed: bool = False, max_new_tokens: int = 64) -> str:
+    def caption(self, image: ImageLike, *, detailed: bool = False, max_new_tokens: int | None = None) -> str:
         """Describe an image (short, or "in very detail")."""
         return self.captions([image], detailed=detailed, max_new_tokens=max_new_tokens)[0]
 
-    def answers(self, images: Sequence[ImageLike], questions: Sequence[str], *, max_new_tokens: int = 16) -> list[str]:
-        """Answer one question per image (VQA template)."""
+    def answers(self, images: Sequence[ImageLike], questions: Sequence[str], *,
+                max_new_tokens: int | None = None) -> list[str]:
+        """Answer one question per image (VQA template); decoding from ``generation_config`` (``vqa``)."""
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images for {len(questions)} questions")
         questions = [_check_prompt(q, "question") for q in questions]
         fields = [{"image": c, "question": q} for c, q in zip(self._codes_of(images), questions)]
-        return [a.rstrip(".").strip() for a in self._text_tasks("vqa", fields, max_new_tokens=max_new_tokens)]
+        d = self.defaults("vqa", max_new_tokens=max_new_tokens)
+        return [a.rstrip(".").strip() for a in self._text_tasks("vqa", fields, d)]
 
-    def answer(self, image: ImageLike, question: str, *, max_new_tokens: int = 16) -> str:
+    def answer(self, image: ImageLike, question: str, *, max_new_tokens: int | None = None) -> str:
         """Answer a question about an image (VQA template)."""
         return self.answers([image], [question], max_new_tokens=max_new_tokens)[0]
 
-    def edits(self, images: Sequence[ImageLike], instructions: Sequence[str], *, image_guidance: float = 1.5,
-              text_guidance: float = 7.5, temperature: float = 1.0, top_p: float = 0.9, n: int = 1,
-              seed: int = 0) -> list[list[Image.Image]]:
-        """Edit each image following its instruction (instruct-CFG over three streams, paper §4.1)."""
+    def edits(self, images: Sequence[ImageLike], instructions: Sequence[str], *, image_guidance: float | None = None,
+              text_guidance: float | None = None, temperature: float | None = None, top_p: float | None = None,
+              n: int | None = None, seed: int = 0) -> list[list[Image.Image]]:
+        """Edit each image following its instruction (instruct-CFG over three streams, paper §4.1);
+        settings left ``None`` come from ``generation_config`` (``edit``)."""
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
         instructions = [_check_prompt(t, "instruction") for t in instructions]
-        cfg = SamplingConfig(temperature=temperature, top_p=top_p, image_guidance=image_guidance,
-                             text_guidance=text_guidance, seed=seed)
+        d = self.defaults("edit", image_guidance=image_guidance, text_guidance=text_guidance, temperature=temperature,
+                          top_p=top_p, samples=n, seed=seed)
         fields = [{"source": c, "instruction": t} for c, t in zip(self._codes_of(images), instructions)]
-        return self._image_tasks("edit", fields, cfg, instruct=True, n=n)
+        return self._image_tasks("edit", fields, d.sampling, instruct=True, n=d.samples)
 
     def edit(self, image: ImageLike, instruction: str, **kw: Any) -> list[Image.Image]:
         """Edit an image following an instruction; keywords as :meth:`edits`."""
         return self.edits([image], [instruction], **kw)[0]
 
     def controls(self, kind: str, condition_images: Sequence[ImageLike], captions: Sequence[str], *,
-                 guidance: float = 3.0, temperature: float = 1.0, top_p: float = 0.9, n: int = 1,
-                 seed: int = 0) -> list[list[Image.Image]]:
-        """Images from structure maps (``kind``: edge, seg, depth, ...) and captions."""
+                 guidance: float | None = None, temperature: float | None = None, top_p: float | None = None,
+                 n: int | None = None, seed: int = 0) -> list[list[Image.Image]]:
+        """Images from structure maps (``kind``: edge, seg, depth, ...) and captions; settings left
+        ``None`` come from ``generation_config`` (``control``)."""
         if kind not in CONTROL_KINDS:
             raise ValueError(f"unknown control kind {kind!r}; choose one of {CONTROL_KINDS}")
         if len(condition_images) != len(captions):
             raise ValueError(f"got {len(condition_images)} condition images for {len(captions)} captions")
         captions = [_check_prompt(c, "caption") for c in captions]
-        cfg = SamplingConfig(temperature=temperature, top_p=top_p, guidance=guidance, seed=seed)
+        d = self.defaults("control", guidance=guidance, temperature=temperature, top_p=top_p, samples=n, seed=seed)
         fields = [{"condition": c, "caption": t} for c, t in zip(self._codes_of(condition_images), captions)]
-        return self._image_tasks(f"{kind}_to_image", fields, cfg, n=n)
+        return self._image_tasks(f"{kind}_to_image", fields, d.sampling, n=d.samples)
 
     def control(self, kind: str, condition_image: ImageLike, caption: str, **kw: Any) -> list[Image.Image]:
         """Image from a structure map and a caption; keywords as :meth:`controls`."""
         return self.controls(kind, [condition_image], [caption], **kw)[0]
 
     def grounds(self, captions: Sequence[str], objects: Sequence[Sequence[tuple[str, Sequence[float]]]], *,
-                image_size: int | None = None, guidance: float = 3.0, temperature: float = 1.0, top_p: float = 0.9,
-                n: int = 1, seed: int = 0) -> list[list[Image.Image]]:
-        """Spatially grounded generation: per caption, objects = [(name, [x0, y0, x1, y1] in pixels)]."""
+                image_size: int | None = None, guidance: float | None = None, temperature: float | None = None,
+                top_p: float | None = None, n: int | None = None, seed: int = 0) -> list[list[Image.Image]]:
+        """Spatially grounded generation: per caption, objects = [(name, [x0, y0, x1, y1] in pixels)];
+        settings left ``None`` come from ``generation_config`` (``grounding``)."""
         if len(captions) != len(objects):
             raise ValueError(f"got {len(captions)} captions for {len(objects)} object lists")
         size = image_size or self.image_tokenizer.resolution
@@ -394,8 +423,8 @@ class CM3Leon:
                 raise ValueError("grounded generation needs at least one (name, box) object per caption")
             text = ", ".join(f"{name} at {format_box(box, size)}" for name, box in objs)
             fields.append({"caption": _check_prompt(cap, "caption"), "objects": text})
-        cfg = SamplingConfig(temperature=temperature, top_p=top_p, guidance=guidance, seed=seed)
-        return self._image_tasks("grounding", fields, cfg, n=n)
+        d = self.defaults("grounding", guidance=guidance, temperature=temperature, top_p=top_p, samples=n, seed=seed)
+        return self._image_tasks("grounding", fields, d.sampling, n=d.samples)
 
     def ground(self, caption: str, objects: Sequence[tuple[str, Sequence[float]]], **kw: Any) -> list[Image.Image]:
         """Grounded generation for one caption; keywords as :meth:`grounds`."""

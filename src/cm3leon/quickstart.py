@@ -6,7 +6,10 @@ Stages (each writes its own folder under ``out``; a rerun reuses finished stages
          -> sft_shards -> sft -> model dirs -> eval (pretrained and SFT) -> report.html / report.json
 
 Presets: ``smoke`` (about 2 minutes on 2 CPU cores, used by the tests), ``default``
-(about 20 minutes on 2 CPU cores), ``gpu`` (a larger run for one GPU).
+(about 15 minutes on 2 CPU cores), ``gpu`` (a larger run for one GPU). A preset holds sizes
+and stage choices only: pretraining and SFT run the recipes it names (the same functions
+as ``cm3leon train|sft --recipe``), and every model directory it assembles carries the
+decoding defaults of :data:`SHAPES_GENERATION` as its ``generation_config.json``.
 """
 
 from __future__ import annotations
@@ -27,201 +30,146 @@ import numpy as np
 import torch
 
 from cm3leon.config import atomic_write_text
+from cm3leon.generate.generation_config import GenerationConfig, TaskDecoding
+from cm3leon.generate.logits import SamplingConfig
+from cm3leon.shapes.world import ShapesConfig
+from cm3leon.train.config import RunConfig
+from cm3leon.train.recipes import RECIPES, SFT_MIXES, get_recipe
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ImageTokenizerStage:
+    """The image tokenizer the quickstart trains: a VQ preset (``tokenize/image_vq.py``) with
+    field ``overrides``, trained with its training preset for ``steps`` (default: the
+    preset's) on ``images`` images (70% scenes, the rest seg / edge / depth / edit / write maps)."""
+
+    preset: str = "shapes-32"
+    steps: int | None = None
+    batch: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    images: int = 12000
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    """How many held-out records each evaluation judges: ``n`` text-to-image prompts per object
+    count with ``samples`` images each (None: the generation config's), ``tasks_n`` records per
+    instructable task (caption, VQA, edit, control, grounding), and ``ablation_samples`` images
+    per prompt in each ablation run (``ablations`` on/off)."""
+
+    n: int = 64
+    samples: int | None = None
+    tasks_n: int = 256
+    ablation_samples: int = 4
+    ablations: bool = True
+
+
+@dataclass(frozen=True)
 class QuickstartPreset:
-    """Sizes and budgets of one quickstart run."""
+    """Sizes and stage choices of one quickstart run; training settings come from the recipes
+    ``pretrain`` and ``sft`` (:mod:`cm3leon.train.recipes`), decoding from :data:`SHAPES_GENERATION`."""
 
     name: str
     n_train: int
     n_val: int
-    image_size: int = 32
-    snap: int = 4  # Shapes objects on the image tokenizer's 4-px patch grid (ShapesConfig.snap)
-    max_objects: int = 3  # objects per Shapes scene: 1..max_objects (ShapesConfig.max_objects)
-    caption_order: str = "z"  # order of the objects in detailed captions (ShapesConfig.caption_order)
-    text_vocab: int = 512
-    vq_preset: str = "shapes-32"
-    vq_steps: int | None = None  # default: the image tokenizer preset's
-    vq_batch: int | None = None  # default: the image tokenizer preset's
-    vq_overrides: dict[str, Any] = field(default_factory=dict)  # VQConfig field overrides
-    vq_images: int = 12000
-    encoder_steps: int = 250
-    # Share of the encoder's training pairs that use the detailed caption (the rest the
-    # short one, which names no positions or sizes). Re-ranking scores detailed prompts.
-    encoder_detailed_prob: float = 0.5
-    # Hard-negative captions per training pair (the caption with two objects' attributes
-    # swapped, or one attribute changed; data.shapes.hard_negative_captions): 0 = none. Off by
-    # default: with the default text tower they teach it little (docs/retrieval.md).
-    encoder_hard_negatives: int = 0
-    encoder_overrides: dict[str, Any] = field(default_factory=dict)  # DualEncoderConfig field overrides
-    # A second dual encoder trained on detailed captions only, used for re-ranking generated
-    # images only (the model directory's reranker/); 0: re-rank with the retrieval encoder.
-    # Detailed captions name sizes and positions, so it re-ranks two-object samples better,
-    # while as the retriever the same encoder gave worse training neighbours (fifth session).
-    reranker_steps: int = 0
-    model_preset: str = "shapes"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    # Add a learned place-in-image embedding (ModelConfig.image_tokens; not in the paper):
-    # at this budget it is what lets the model draw whole objects (see docs/training.md).
-    image_pos_emb: bool = True
-    seq_len: int = 384
-    n_retrieved: int = 3
-    detailed_caption_prob: float = 0.7
+    world: ShapesConfig
+    text_vocab: int
+    image_tokenizer: ImageTokenizerStage
+    encoder_steps: int
+    # A second dual encoder trained on detailed captions only, for re-ranking generated images
+    # (the model directory's reranker/); 0: re-rank with the retrieval encoder.
+    reranker_steps: int
+    pretrain: str
+    sft: str
+    sft_steps: int | None = None  # None: the SFT recipe's
+    sft_mix: str | None = None  # None: the SFT recipe's shares; else a name of SFT_MIXES
     sft_records: int = 4000  # Shapes records the SFT examples are built from (each gives 12 tasks)
-    pretrain_steps: int = 1000
-    pretrain_batch: int = 16
-    pretrain_lr: float = 2e-3
-    sft_steps: int = 400
-    sft_batch: int = 16
-    sft_lr: float = 1e-3
-    # Share of SFT examples trained in their inference layout (the answer/output as the one
-    # CM3 span); the rest get random CM3 spans as in pretraining (SFTDataset).
-    sft_target_infill_prob: float = 0.5
-    # Relative target shares of the SFT tasks (None: equal), turned into sampling weights
-    # with the paper's up/down thresholds (3 / 0.3; SFTDataset prints the table).
-    sft_shares: dict[str, float] | None = None
-    eval_n: int = 64
-    # Records per instructable task (caption, VQA, edit, control, grounding; at most n_val):
-    # one image or answer each, so 256 cost seconds and narrow the 64-record noise (+-6 points).
-    eval_tasks_n: int = 256
-    eval_samples: int = 4
-    # Nucleus cut for evaluation sampling. With a dominant background code a 0.9 cut removes
-    # the rare "an object starts here" tokens and a weak model then draws blank canvases.
-    eval_top_p: float = 1.0
-    # Sampling temperature and retrieved documents for evaluation (the ablations vary one
-    # at a time around these). The model is trained with n_retrieved documents in front of
-    # every query, and the paper decodes with one or two. On the default model one document
-    # is as good as none and better than two on two-object prompts (two seeds: 16% / 20% /
-    # 9% for 1 / 0 / 2 documents; docs/training.md, fifth session), and half as slow as two.
-    eval_temperature: float = 0.5
-    eval_retrieve: int = 1
-    # CFG scale and the sample mix (paper §3.1: half CFG + top-p, half CD-K, then CLIP
-    # re-ranking). Measured on the default model (docs/training.md, fifth session): scale
-    # 1.5 beats 1 (no CFG) and 3; CD-K's candidate set needs k = 1 here, because with one
-    # dominant background code the k-th largest probability for k >= 2 is so small that
-    # improbable object codes pass and win on the ratio score (0% all-correct at k = 8).
-    eval_guidance: float = 1.5
-    eval_mode: str = "mix"
-    eval_cd_k: int = 1
-    eval_cd_alpha: float = 0.3
-    # Editing's image / text CFG scales. The paper's 1.5 / 7.5 gave 0% right edits (noise) on
-    # the default model; 1 / 1, 1.5 / 1.5 and 1.25 / 1.25 gave 22 / 20 / 27% and 19 / 19 / 28% on two
-    # SFT models (docs/sft.md, seventh session).
-    eval_edit_guidance: tuple[float, float] = (1.25, 1.25)
-    # Images per prompt in each ablation run (the main t2i run uses eval_samples). Runs without
-    # re-ranking judge every one of them, so more samples make those rates more precise.
-    ablation_samples: int = 4
-    # Seed of pretraining and SFT (model init, batch order, CM3 spans). At this budget two
-    # seeds of the same recipe can differ by 10 points on two-object prompts (docs/training.md,
-    # sixth session): vary it to see the spread before trusting a difference.
-    train_seed: int = 0
-    ablations: bool = True
-    device: str = "auto"
+    eval: EvalStage = field(default_factory=EvalStage)
+    seed: int = 0  # seed of pretraining and SFT (model init, batch order, CM3 spans)
 
     def __post_init__(self) -> None:
-        for name in ("encoder_detailed_prob", "detailed_caption_prob", "sft_target_infill_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"QuickstartPreset.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("n_train", "n_val", "text_vocab", "encoder_steps", "sft_records"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"QuickstartPreset.{name} must be >= 1, got {getattr(self, name)}")
         if self.reranker_steps < 0:
             raise ValueError(f"QuickstartPreset.reranker_steps must be >= 0 (0: none), got {self.reranker_steps}")
-        if self.encoder_hard_negatives < 0:
-            raise ValueError(f"QuickstartPreset.encoder_hard_negatives must be >= 0, got {self.encoder_hard_negatives}")
-        from cm3leon.generate.logits import IMAGE_SAMPLE_MODES
+        if self.sft_steps is not None and self.sft_steps < 1:
+            raise ValueError(f"QuickstartPreset.sft_steps must be >= 1, got {self.sft_steps}")
+        if self.sft_mix is not None and self.sft_mix not in SFT_MIXES:
+            raise ValueError(f"QuickstartPreset.sft_mix must be one of {sorted(SFT_MIXES)}, got {self.sft_mix!r}")
+        for name in ("pretrain", "sft"):
+            if getattr(self, name) not in RECIPES:
+                raise ValueError(f"QuickstartPreset.{name}: unknown recipe {getattr(self, name)!r}")
 
-        if self.eval_mode not in IMAGE_SAMPLE_MODES:
-            raise ValueError(f"QuickstartPreset.eval_mode must be one of {IMAGE_SAMPLE_MODES}, got {self.eval_mode!r}")
-        if self.eval_retrieve not in (0, 1, 2):
-            raise ValueError(f"QuickstartPreset.eval_retrieve must be 0, 1 or 2, got {self.eval_retrieve}")
+    def pretrain_run(self, vocab: Any, workspace: Path, device: str) -> RunConfig:
+        """The pretraining run: recipe ``pretrain`` plus the workspace, the image-place sizes
+        of ``vocab``, the seed and the device."""
+        return _recipe_run(self.pretrain, None, vocab, workspace, self._run_overrides(device))
+
+    def sft_run(self, vocab: Any, workspace: Path, device: str) -> RunConfig:
+        """The SFT run: recipe ``sft`` (for ``sft_steps``, with ``sft_mix``'s shares) plus the
+        same overrides as :meth:`pretrain_run`."""
+        over = self._run_overrides(device)
+        if self.sft_mix is not None:
+            over.append("data.options.target_shares=" + json.dumps(SFT_MIXES[self.sft_mix]))
+        return _recipe_run(self.sft, self.sft_steps, vocab, workspace, over)
+
+    def _run_overrides(self, device: str) -> list[str]:
+        return [f"train.seed={self.seed}", f"train.device={device}"]
 
 
-# SFT shares after the paper's mixture (Table 5 sizes): VQA (VQA2 1.3M + VizWiz + OKVQA) far
-# above ScienceQA-style reasoning (6k) and Image Paragraph-style detailed captions (14k). With
-# equal shares the Shapes model answers VQA questions with reasoning text ("The image shows").
-SHAPES_SFT_SHARES: dict[str, float] = {
-    "vqa": 3.0, "caption": 2.0, "edit": 1.5, "text_to_image": 1.0, "edge_to_image": 1.0, "seg_to_image": 1.0,
-    "depth_to_image": 1.0, "grounding": 1.0, "write": 0.5, "narration": 0.5, "detailed_caption": 0.5,
-    "reasoning": 0.3,
-}
-# Shares shifted toward the tasks that output an image conditioned on another ("copy" tasks):
-# edit 3, edge / seg / depth-to-image and grounding 2 each, VQA 1.5, caption 1. A trade of SFT
-# compute, measured on one base at 1920 steps (docs/sft.md, ninth session). From 4800 records:
-# edge / seg / depth 59-62 / 65-66 / 68-70% vs 60 / 59 / 59% with the default shares, IoU
-# 0.48-0.49 vs 0.45, edit 31-37% vs 28%, but VQA 73-75% vs 89%. From all 16000 records
-# (`--sft-steps 1920 --sft-mix copy --sft-records 16000`, two seeds): VQA 78-82%, captions
-# 82-83%, edge / seg / depth 63-66 / 65-67 / 74-75%, IoU 0.48-0.50, edit 34-37%; with 3840 steps
-# (three pretraining + SFT seeds, tenth session) edit 51-55%, edge / seg / depth 69-70 / 69-79 /
-# 80-82%, IoU 0.62-0.74, captions 93-97%, VQA 75-87%. At 960 steps they cost captions 25 points.
-SHAPES_SFT_SHARES_COPY: dict[str, float] = {
-    "vqa": 1.5, "caption": 1.0, "edit": 3.0, "text_to_image": 1.0, "edge_to_image": 2.0, "seg_to_image": 2.0,
-    "depth_to_image": 2.0, "grounding": 2.0, "write": 0.5, "narration": 0.3, "detailed_caption": 0.3,
-    "reasoning": 0.3,
-}
-# Named SFT mixtures (`cm3leon quickstart --sft-mix NAME`).
-SFT_MIXES: dict[str, dict[str, float]] = {"default": SHAPES_SFT_SHARES, "copy": SHAPES_SFT_SHARES_COPY}
+def _recipe_run(name: str, steps: int | None, vocab: Any, workspace: Path, overrides: list[str]) -> RunConfig:
+    run = get_recipe(name, steps=steps)
+    if run.model_overrides.get("image_tokens"):  # the image-place embedding follows the image tokenizer
+        overrides = [*overrides, f"model_overrides.image_tokens={vocab.image_seq_len}",
+                     f"model_overrides.image_vocab={vocab.image_size}"]
+    return run.with_overrides(overrides).resolve_paths(workspace)
 
+
+# Decoding settings measured best on the quickstart's models (docs/results.md), written into
+# every model directory the quickstart assembles. Text-to-image: 16 CFG + top-p samples, no
+# retrieved documents, re-ranked; CFG 1.5 beats 1 and 3; top-p 1.0 because with one dominant
+# background code a 0.9 cut removes the rare "an object starts here" codes; CD-K (ablations)
+# needs k = 1 for the same reason. Editing: the paper's 1.5 / 7.5 turn edits into noise on
+# these small models, 1.25 / 1.25 is best.
+_SHAPES_SAMPLING = SamplingConfig(temperature=0.5, top_p=1.0, guidance=1.5, cd_k=1, cd_alpha=0.3)
+SHAPES_GENERATION = GenerationConfig(
+    text_to_image=TaskDecoding(_SHAPES_SAMPLING, samples=16, mode="top_p", rerank=True, retrieve=0),
+    edit=TaskDecoding(SamplingConfig(temperature=0.5, top_p=1.0, image_guidance=1.25, text_guidance=1.25)),
+    control=TaskDecoding(_SHAPES_SAMPLING),
+    grounding=TaskDecoding(_SHAPES_SAMPLING),
+)
+
+_SMOKE_VQ = ImageTokenizerStage(steps=60, batch=8, images=1200,
+                                overrides={"ch": 8, "z_channels": 16, "codebook_size": 128, "num_groups": 4})
 PRESETS: dict[str, QuickstartPreset] = {
     "smoke": QuickstartPreset(
-        name="smoke", n_train=600, n_val=24, text_vocab=384, vq_steps=60, vq_batch=8, vq_images=1200,
-        vq_overrides={"ch": 8, "z_channels": 16, "codebook_size": 128, "num_groups": 4}, encoder_steps=20,
-        model_preset="tiny", model_overrides={"max_seq_len": 384}, seq_len=320, n_retrieved=2, reranker_steps=10,
-        pretrain_steps=24, pretrain_batch=4, sft_steps=12, sft_batch=4, eval_n=6, eval_samples=2, ablation_samples=2,
-        ablations=True,
+        name="smoke", n_train=600, n_val=24, world=ShapesConfig(size=32, snap=4), text_vocab=384,
+        image_tokenizer=_SMOKE_VQ, encoder_steps=20, reranker_steps=10, pretrain="smoke", sft="sft-smoke",
+        eval=EvalStage(n=6, samples=2, ablation_samples=2),
     ),
+    # The evaluated prompts have one or two objects: a world of 1-2 objects with captions in
+    # reading order (the order a raster-scan decoder draws them in) trains better at the same
+    # compute. 4800 records give 57,600 SFT examples: fewer are seen about twice by a long SFT
+    # and overfit. A 150-step re-ranker picks as well as a 250-step one (docs/results.md).
     "default": QuickstartPreset(
-        # seq 320: two retrieved documents + a detailed caption + 64 image tokens fit, in
-        # training and at inference (the retrieval ablation decodes with 0, 1 and 2).
-        # (An encoder trained on detailed captions only re-ranks fixed samples better, but the
-        # whole run with it drew worse two-object images: docs/training.md, fifth session.)
-        name="default", n_train=16000, n_val=256, vq_steps=1200, encoder_steps=120,
-        # The evaluated prompts have one or two objects: a world of 1-2 objects with captions in
-        # reading order lifted single-object accuracy from 58% to 75% and two-object from 3% to 8%
-        # at the same compute (docs/training.md, fourth session; the full run: 73% and 2%).
-        max_objects=2, caption_order="reading",
-        # d128 x 4 layers for ~1200 steps beats d192 for 700 steps in the same minutes (held-out
-        # image loss 0.35 vs 0.47, docs/training.md): at this compute a smaller model that
-        # sees more tokens wins.
-        model_overrides={"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 320, "image_axial": True},
-        # Pretraining and SFT split the minutes: 280 SFT steps left VQA at 17-45% from run to
-        # run, 560 reached 69% (docs/sft.md, fifth session), while the pretrained model's
-        # one-object text-to-image was far above its target, so SFT got steps from pretraining
-        # (and a higher LR: 2e-3 gave VQA 55% vs 45% at 1e-3 after 480 steps).
-        # Batch 4 x 3400 steps, the same tokens and minutes as 16 x 850 (a 2-core CPU runs
-        # ~12k tokens/s at either size): at this budget more, noisier steps win by far
-        # (held-out image loss 0.19 vs 0.25-0.27, two-object all-correct 70% vs 11-22%;
-        # docs/training.md, seventh session).
-        # SFT length is what VQA and captions need (480 / 960 / 1920 steps: VQA 54 / 76 / 86%,
-        # captions 59 / 75 / 88%; docs/sft.md, eighth session), but 1920 steps cost ~10 more
-        # minutes than the budget has: `cm3leon quickstart --sft-steps 1920` reruns SFT alone.
-        seq_len=320, n_retrieved=2, pretrain_batch=4, pretrain_steps=3400, sft_steps=480, sft_lr=2e-3,
-        # 4800 records (57,600 SFT examples, ~30 s to tokenize; their own stage, sft_shards):
-        # 1920 SFT steps on 1200 records see each example ~2 times and overfit (train loss 0.15,
-        # held-out 0.23); on 4800 the same steps gave edge / seg / depth-to-image 60 / 59 / 59%
-        # vs 49 / 52 / 51% and grounding IoU 0.45 vs 0.35 (docs/sft.md, ninth session).
-        sft_records=4800,
-        sft_target_infill_prob=0.8, sft_shares=dict(SHAPES_SFT_SHARES),
-        # Main text-to-image evaluation: 16 CFG + top-p samples without retrieved documents,
-        # re-ranked by a re-ranker trained on detailed captions. Measured (docs/training.md,
-        # sixth session): 16 top-p samples are the most diverse set (on the fifth session's
-        # model the best of 16 was right for ~40% of two-object prompts vs ~26% for the
-        # paper's top-p/CD-K mix, whose CD-K half is precise but alike; the re-ranker picked
-        # a right one for 22-34% over four seeds vs 16% for the previous default of 8 mixed
-        # samples, one document, retrieval encoder), and on a fresh run's model it lifts
-        # one-object prompts from 77% to 94% and two-object from 6% to 11%. The mix is in
-        # the ablations.
-        # A 150-step re-ranker picks as well as a 250-step one on the batch-4 model (two-object
-        # 67% vs 66%; the retrieval encoder: 58%) in half the minutes (seventh session).
-        eval_samples=16, eval_mode="top_p", eval_retrieve=0, reranker_steps=150,
+        name="default", n_train=16000, n_val=256, world=ShapesConfig(size=32, snap=4, max_objects=2,
+                                                                     caption_order="reading"),
+        text_vocab=512, image_tokenizer=ImageTokenizerStage(steps=1200), encoder_steps=120, reranker_steps=150,
+        pretrain="quickstart", sft="sft-quickstart", sft_records=4800,
     ),
     "gpu": QuickstartPreset(
-        name="gpu", n_train=100000, n_val=512, vq_steps=6000, vq_images=60000, encoder_steps=2000,
-        model_overrides={"d_model": 512, "n_layers": 8, "n_heads": 8, "max_seq_len": 512}, seq_len=512,
-        pretrain_steps=6000, pretrain_batch=64, pretrain_lr=1e-3, sft_steps=2000, sft_batch=64, sft_lr=5e-4,
-        eval_n=256, eval_samples=8,
+        name="gpu", n_train=100000, n_val=512, world=ShapesConfig(size=32, snap=4), text_vocab=512,
+        image_tokenizer=ImageTokenizerStage(steps=6000, images=60000), encoder_steps=2000, reranker_steps=0,
+        pretrain="quickstart-gpu", sft="sft-quickstart-gpu", eval=EvalStage(n=256, samples=8),
     ),
 }
+# Shares of the encoder's training pairs that use the detailed caption (the rest the short
+# one, which names no positions or sizes), and of pretraining documents that do.
+ENCODER_DETAILED_PROB = 0.5
+PRETRAIN_DETAILED_PROB = 0.7
 
 
 def get_preset(name: str, **overrides: Any) -> QuickstartPreset:
@@ -233,12 +181,12 @@ def get_preset(name: str, **overrides: Any) -> QuickstartPreset:
 
 # ---- stage bookkeeping -------------------------------------------------------------------
 # Part of every stage's key: bump it when a code change makes earlier outputs stale under
-# unchanged preset fields (3: SFT shards gained text_to_image, rows carry true image places).
-STAGE_FORMAT = 3
-# Fields that join a stage's key only when set to something other than their default, so
-# that adding such a knob does not invalidate the workspaces made before it existed.
-KEY_ONLY_IF_SET = frozenset({"train_seed"})
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuickstartPreset) if f.name in KEY_ONLY_IF_SET}
+# unchanged inputs (4: stage inputs are recipe configs and the generation config).
+STAGE_FORMAT = 4
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v, default=float))
 
 
 class StageInterrupted(Exception):
@@ -249,38 +197,40 @@ class StageInterrupted(Exception):
 class Stages:
     """Runs named stages once: a finished stage leaves ``stage.json`` and is reused."""
 
-    def __init__(self, out: Path, preset: QuickstartPreset, *, force: bool = False) -> None:
+    def __init__(self, out: Path, preset: QuickstartPreset, *, device: str = "cpu", force: bool = False) -> None:
         self.out, self.preset, self.force = out, preset, force
         self.timings: dict[str, float] = {}
         self.results: dict[str, Any] = {}
-        self._fields: dict[str, list[str]] = {}
+        self._base = {"format": STAGE_FORMAT, "device": device, "world": _jsonable(preset.world)}
+        self._inputs: dict[str, dict[str, Any]] = {}
 
     def run(self, name: str, fn: Callable[[Path], dict[str, Any]], fields: tuple[str, ...] = (),
-            after: tuple[str, ...] = (), complete: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+            after: tuple[str, ...] = (), complete: Callable[[dict[str, Any]], bool] | None = None,
+            inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run stage ``name`` unless a finished run with the same inputs exists.
 
-        A stage's inputs are the preset ``fields`` it reads plus those of the stages it
-        uses (``after``, and theirs in turn), so changing e.g. ``sft_steps`` redoes SFT and
-        its evaluation but reuses the tokenizers, the index, pretraining and the pretrained
-        model's evaluation. A finished stage whose inputs changed is deleted and redone; an
-        interrupted training stage resumes from its last checkpoint. ``complete`` checks a
-        recorded result before reuse: a stage whose result fails it is run again in place (a
-        training stage that an older version recorded as done when it was stopped resumes).
+        A stage's inputs are the preset ``fields`` it reads and any other ``inputs`` (e.g. the
+        resolved run config it trains with), plus those of the stages it uses (``after``, and
+        theirs in turn), so changing e.g. the SFT steps redoes SFT and its evaluation but
+        reuses the tokenizers, the index, pretraining and the pretrained model's evaluation. A
+        finished stage whose inputs changed is deleted and redone; an interrupted training
+        stage resumes from its last checkpoint. ``complete`` checks a recorded result before
+        reuse: a stage whose result fails it is run again in place.
         """
-        unknown = [a for a in after if a not in self._fields]
+        unknown = [a for a in after if a not in self._inputs]
         if unknown:
             raise ValueError(f"stage {name!r} runs after {unknown}, which have not run yet")
-        names = ["image_size", "device"]
-        for src in (*(self._fields[a] for a in after), fields):
-            names += [f for f in src if f not in names]
-        self._fields[name] = names
-        key = {"format": STAGE_FORMAT, **{f: getattr(self.preset, f) for f in names
-                                          if f not in KEY_ONLY_IF_SET or getattr(self.preset, f) != _DEFAULTS[f]}}
+        key = dict(self._base)
+        for a in after:
+            key.update(self._inputs[a])
+        key.update({f: _jsonable(getattr(self.preset, f)) for f in fields})
+        key.update({k: _jsonable(v) for k, v in (inputs or {}).items()})
+        self._inputs[name] = key
         d = self.out / name
         marker = d / "stage.json"
         if marker.exists() and not self.force:
             rec = json.loads(marker.read_text())
-            if rec.get("inputs") == json.loads(json.dumps(key)):
+            if rec.get("inputs") == key:
                 if complete is None or complete(rec["result"]):
                     log.info("stage %-16s reused (%.1fs when it ran)", name, rec["seconds"])
                     self.timings[name] = rec["seconds"]
@@ -306,11 +256,11 @@ class Stages:
 # ---- stage implementations ------------------------------------------------------------------
 def _stage_data(p: QuickstartPreset) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
-        from cm3leon.data.shapes import ShapesConfig, write_shapes_dataset
+        from cm3leon.shapes.dataset import write_shapes_dataset
 
-        cfg = ShapesConfig(size=p.image_size, snap=p.snap, max_objects=p.max_objects, caption_order=p.caption_order)
-        write_shapes_dataset(d / "train", p.n_train, size=p.image_size, seed=0, cfg=cfg, overwrite=True, progress=True)
-        write_shapes_dataset(d / "val", p.n_val, size=p.image_size, seed=1, cfg=cfg, overwrite=True)
+        cfg = p.world
+        write_shapes_dataset(d / "train", p.n_train, size=cfg.size, seed=0, cfg=cfg, overwrite=True, progress=True)
+        write_shapes_dataset(d / "val", p.n_val, size=cfg.size, seed=1, cfg=cfg, overwrite=True)
         return {"train": str(d / "train"), "val": str(d / "val"), "n_train": p.n_train, "n_val": p.n_val}
 
     return fn
@@ -319,7 +269,7 @@ def _stage_data(p: QuickstartPreset) -> Callable[[Path], dict[str, Any]]:
 def _corpus(data_dir: Path) -> Iterator[str]:
     """Every string the model will read: captions, questions, answers, instructions, templates."""
     from cm3leon.data.dataset import read_dataset
-    from cm3leon.sequence.sft import TASKS
+    from cm3leon.sequence.sft_templates import TASKS
 
     for t in TASKS.values():
         for variant in t.variants:
@@ -358,16 +308,17 @@ def _uint8_images(images: list[Any]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any], device: str) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
         from cm3leon.tokenize.image_vq import VQConfig
         from cm3leon.tokenize.image_vq_train import TRAIN_PRESETS, train_image_tokenizer
 
+        vq = p.image_tokenizer
         ds = Dataset(data["train"])
-        n_scene = min(len(ds), int(p.vq_images * 0.7))
+        n_scene = min(len(ds), int(vq.images * 0.7))
         extra_names = ("seg", "edge", "depth", "edit_image", "write_image")
-        n_extra = max(1, (p.vq_images - n_scene) // len(extra_names))
+        n_extra = max(1, (vq.images - n_scene) // len(extra_names))
         imgs = []
         for i in range(max(n_scene, n_extra)):
             rec = ds[i]
@@ -376,23 +327,22 @@ def _stage_image_tokenizer(p: QuickstartPreset, data: dict[str, Any]) -> Callabl
             if i < n_extra:
                 imgs.extend(rec.meta["images"][k] for k in extra_names)
         val = [r.image for r in Dataset(data["val"])]
-        base = TRAIN_PRESETS[p.vq_preset]
-        steps = p.vq_steps or base.steps
-        cfg = dataclasses.replace(base, steps=steps, batch_size=p.vq_batch or base.batch_size,
+        base = TRAIN_PRESETS[vq.preset]
+        steps = vq.steps or base.steps
+        cfg = dataclasses.replace(base, steps=steps, batch_size=vq.batch or base.batch_size,
                                   checkpoint_every=steps, sample_every=max(steps // 2, 1))
-        metrics = train_image_tokenizer(VQConfig.from_name(p.vq_preset, **p.vq_overrides), cfg, _uint8_images(imgs),
-                                        _uint8_images(val), d, device=_device(p))
+        metrics = train_image_tokenizer(VQConfig.from_name(vq.preset, **vq.overrides), cfg, _uint8_images(imgs),
+                                        _uint8_images(val), d, device=device)
         return {"dir": str(d), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
 
     return fn
 
 
-def _train_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any], *, steps: int,
-                   detailed_prob: float, hard_negatives: int = 0, overrides: dict[str, Any] | None = None) -> Any:
+def _train_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any], device: str, *, steps: int,
+                   detailed_prob: float) -> Any:
     """A dual encoder trained on the Shapes training pairs, each with its detailed caption
     with probability ``detailed_prob`` (else the short one)."""
     from cm3leon.data.dataset import Dataset
-    from cm3leon.data.shapes import hard_negative_captions
     from cm3leon.retrieval.encoder import DualEncoderConfig, EncoderTrainConfig, train_dual_encoder
     from cm3leon.tokenize.text_bpe import TextTokenizer
 
@@ -400,22 +350,20 @@ def _train_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, An
     recs = list(Dataset(data["train"], columns=["id", "image", "text", "meta"]))
     rng = random.Random(0)
     texts = [r.meta["captions"]["detailed"] if rng.random() < detailed_prob else r.text for r in recs]
-    nrng = np.random.default_rng(0)
-    negatives = [hard_negative_captions(t, nrng, hard_negatives) for t in texts] if hard_negatives else None
     return train_dual_encoder(
         texts, [r.image for r in recs], tokenizer=tok,
-        cfg=DualEncoderConfig(vocab_size=tok.vocab_size, image_size=p.image_size, **(overrides or {})),
-        train_cfg=EncoderTrainConfig(steps=steps), device=_device(p), progress=True, negatives=negatives,
+        cfg=DualEncoderConfig(vocab_size=tok.vocab_size, image_size=p.world.size),
+        train_cfg=EncoderTrainConfig(steps=steps), device=device, progress=True,
     )
 
 
-def _stage_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+def _stage_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any],
+                   device: str) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
         from cm3leon.retrieval.encoder import text_to_image_recall
 
-        enc = _train_encoder(p, data, text, steps=p.encoder_steps, detailed_prob=p.encoder_detailed_prob,
-                             hard_negatives=p.encoder_hard_negatives, overrides=p.encoder_overrides)
+        enc = _train_encoder(p, data, text, device, steps=p.encoder_steps, detailed_prob=ENCODER_DETAILED_PROB)
         enc.save(d)
         val = list(Dataset(data["val"]))
         keys = [tuple(sorted((o["shape"], o["color"]) for o in r.meta["objects"])) for r in val]
@@ -425,9 +373,10 @@ def _stage_encoder(p: QuickstartPreset, data: dict[str, Any], text: dict[str, An
     return fn
 
 
-def _stage_reranker(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+def _stage_reranker(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any],
+                    device: str) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
-        enc = _train_encoder(p, data, text, steps=p.reranker_steps, detailed_prob=1.0)  # detailed captions only
+        enc = _train_encoder(p, data, text, device, steps=p.reranker_steps, detailed_prob=1.0)  # detailed captions
         enc.save(d)
         return {"dir": str(d), "final_loss": enc.info["train"]["final_loss"]}
 
@@ -448,14 +397,15 @@ def _stage_index(p: QuickstartPreset, data: dict[str, Any], enc: dict[str, Any])
     return fn
 
 
-def _pretrain_view(p: QuickstartPreset, data_dir: str) -> Iterator[Any]:
-    """Caption-image documents for pretraining: the detailed caption with probability p, else the short one."""
+def _pretrain_view(data_dir: str) -> Iterator[Any]:
+    """Caption-image documents for pretraining: the detailed caption with probability
+    :data:`PRETRAIN_DETAILED_PROB`, else the short one."""
     from cm3leon.data.dataset import read_dataset
     from cm3leon.data.records import DocRecord
 
     rng = random.Random(1)
     for r in read_dataset(data_dir, columns=["id", "image", "text", "meta"]):
-        text = r.meta["captions"]["detailed"] if rng.random() < p.detailed_caption_prob else r.text
+        text = r.meta["captions"]["detailed"] if rng.random() < PRETRAIN_DETAILED_PROB else r.text
         yield DocRecord(r.id, text, r.image, {})
 
 
@@ -477,7 +427,7 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
 
         text_tok, image_tok = _load_tokenizers(text, image)
-        write_dataset(d / "pretrain_view", _pretrain_view(p, data["train"]), overwrite=True)
+        write_dataset(d / "pretrain_view", _pretrain_view(data["train"]), overwrite=True)
         sh = tokenize_dataset(d / "pretrain_view", text_tok, image_tok, d / "pretrain", overwrite=True)
         # Training neighbours: the paper's policy with query dropout, the query itself excluded.
         retriever = Retriever(MemoryBank.load(index["dir"]), load_encoder(enc["dir"]),
@@ -488,7 +438,7 @@ def _stage_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str, Any
         attach_neighbors(d / "pretrain", got.ids, rows="dataset")
         # Held-out validation shards (validated without retrieved documents: their neighbours
         # live in the train shards, which a PretrainDataset over these shards cannot address).
-        write_dataset(d / "pretrain_val_view", _pretrain_view(p, data["val"]), overwrite=True)
+        write_dataset(d / "pretrain_val_view", _pretrain_view(data["val"]), overwrite=True)
         tokenize_dataset(d / "pretrain_val_view", text_tok, image_tok, d / "pretrain_val", overwrite=True)
         filled = float((got.ids >= 0).mean())
         return {"pretrain": str(d / "pretrain"), "pretrain_val": str(d / "pretrain_val"), "pretrain_docs": len(sh),
@@ -503,7 +453,8 @@ def _stage_sft_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str,
     val record, tokenized. A stage of its own, so that changing ``sft_records`` redoes SFT only."""
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
-        from cm3leon.sequence.sft import record_sft_examples, tokenize_sft
+        from cm3leon.sequence.sft_shards import tokenize_sft
+        from cm3leon.sequence.sft_sources import record_sft_examples
 
         text_tok, image_tok = _load_tokenizers(text, image)
         rng = random.Random(0)
@@ -518,23 +469,6 @@ def _stage_sft_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str,
     return fn
 
 
-def _device(p: QuickstartPreset) -> str:
-    if p.device != "auto":
-        return p.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _model_config(p: QuickstartPreset, vocab: Any) -> Any:
-    from cm3leon.config import ModelConfig
-
-    over = dict(p.model_overrides)
-    if p.image_pos_emb:
-        over.update(image_tokens=vocab.image_seq_len, image_vocab=vocab.image_size)
-    else:
-        over.pop("image_axial", None)  # row/column embeddings sit on top of the place-in-image one
-    return ModelConfig.from_name(p.model_preset, vocab_size=vocab.size, **over)
-
-
 def _interrupted(d: Path) -> bool:
     """True if ``d`` holds checkpoints of a training stage that was stopped before it finished."""
     return (d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir())
@@ -547,50 +481,23 @@ def _check_completed(stage: str, res: Any, d: Path) -> None:
                                f"{d / 'checkpoints'}. Run the same quickstart command again to resume it.")
 
 
-def _stage_pretrain(p: QuickstartPreset, shards: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+def _stage_train(stage: str, run: Any, base: str | None) -> Callable[[Path], dict[str, Any]]:
+    """Train ``run`` (from model directory ``base`` for SFT) into the stage directory."""
     def fn(d: Path) -> dict[str, Any]:
-        from cm3leon.data.shards import Shards
-        from cm3leon.sequence.build import PretrainDataset
-        from cm3leon.train.config import TrainConfig
-        from cm3leon.train.loop import train
+        from cm3leon.train.run import build_datasets, run_training
 
-        vocab = Shards(shards["pretrain"]).vocab
-        data = PretrainDataset(shards["pretrain"], seq_len=p.seq_len, n_retrieved=p.n_retrieved, seed=p.train_seed)
-        val = PretrainDataset(shards["pretrain_val"], seq_len=p.seq_len, n_retrieved=0, seed=1)
-        cfg = TrainConfig(steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr,
-                          warmup_steps=max(1, p.pretrain_steps // 20), decay="cosine", weight_decay=0.1,
-                          log_every=max(1, p.pretrain_steps // 50), ckpt_every=max(p.pretrain_steps // 2, 1),
-                          eval_batches=4, eval_batch_size=16, device=_device(p), seed=p.train_seed)
-        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, resume=_interrupted(d))
-        _check_completed("pretraining", res, d)
-        return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
-                "final_loss": res.losses[max(res.losses)] if res.losses else None}
-
-    return fn
-
-
-def _stage_sft(p: QuickstartPreset, sft_shards: dict[str, Any], pre: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
-    def fn(d: Path) -> dict[str, Any]:
-        from cm3leon.data.shards import Shards
-        from cm3leon.sequence.sft import SFTDataset
-        from cm3leon.train.config import TrainConfig
-        from cm3leon.train.loop import train
-
-        vocab = Shards(sft_shards["sft"]).vocab
-        data = SFTDataset(sft_shards["sft"], seq_len=p.seq_len, seed=p.train_seed, target_infill_prob=p.sft_target_infill_prob,
-                          target_shares=p.sft_shares)
-        print(data.table(), flush=True)
-        cfg = TrainConfig(steps=p.sft_steps, batch_size=p.sft_batch, lr=p.sft_lr,
-                          warmup_steps=max(1, p.sft_steps // 20), decay="cosine", weight_decay=0.1,
-                          log_every=max(1, p.sft_steps // 50), ckpt_every=max(p.sft_steps // 2, 1),
-                          eval_batches=4, eval_batch_size=16, device=_device(p), seed=p.train_seed)
-        val = SFTDataset(sft_shards["sft_val"], seq_len=p.seq_len, seed=1, target_infill_prob=p.sft_target_infill_prob,
-                         target_shares=p.sft_shares)
-        res = train(_model_config(p, vocab), cfg, data, d, vocab=vocab, val_data=val, init_from=pre["dir"],
-                    resume=_interrupted(d))
-        _check_completed("SFT", res, d)
-        return {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {},
-                "mixture": data.table()}
+        datasets = build_datasets(run)
+        mixture = datasets[0].table() if run.data.kind == "sft" else None
+        if mixture:
+            print(mixture, flush=True)
+        res = run_training(run, d, base=base, resume=_interrupted(d), datasets=datasets)
+        _check_completed(stage, res, d)
+        out = {"dir": str(d), "tokens": res.tokens, "steps": res.step, "val": res.val or {}}
+        if mixture:
+            out["mixture"] = mixture
+        else:
+            out["final_loss"] = res.losses[max(res.losses)] if res.losses else None
+        return out
 
     return fn
 
@@ -603,7 +510,7 @@ def _stage_assemble(which: str, text: dict[str, Any], image: dict[str, Any], enc
 
         CM3Leon.assemble(d, model_dir=trained["dir"], text_tokenizer_dir=text["dir"], image_tokenizer_dir=image["dir"],
                          encoder_dir=enc["dir"], bank_dir=index["dir"], memory_dir=shards["pretrain"],
-                         reranker_dir=reranker["dir"] if reranker else None)
+                         reranker_dir=reranker["dir"] if reranker else None, generation_config=SHAPES_GENERATION)
         return {"dir": str(d), "which": which}
 
     return fn
@@ -616,45 +523,43 @@ def _real_features(pipe: Any, data_dir: str) -> np.ndarray:
     return image_features([r.image for r in Dataset(data_dir)], pipe.encoder)
 
 
-def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any], *, ablations: bool,
+def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any], device: str, *, ablations: bool,
                 tasks: tuple[str, ...]) -> Callable[[Path], dict[str, Any]]:
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
         from cm3leon.eval.harness import EvalConfig, eval_t2i, run_eval
         from cm3leon.pipeline import CM3Leon
 
-        pipe = CM3Leon.from_pretrained(model["dir"], device=_device(p))
+        pipe = CM3Leon.from_pretrained(model["dir"], device=device)
         records = list(Dataset(data["val"]))
-        one = [r for r in records if len(r.meta["objects"]) == 1][: p.eval_n]
-        two = [r for r in records if len(r.meta["objects"]) == 2][: p.eval_n]
+        one = [r for r in records if len(r.meta["objects"]) == 1][: p.eval.n]
+        two = [r for r in records if len(r.meta["objects"]) == 2][: p.eval.n]
         t2i_records = one + two
-        cfg = EvalConfig(n=p.eval_n, samples=p.eval_samples, grid_dir=str(d / "grids"), batch_size=32,
-                         top_p=p.eval_top_p, temperature=p.eval_temperature, retrieve=p.eval_retrieve,
-                         guidance=p.eval_guidance, mode=p.eval_mode, cd_k=p.eval_cd_k, cd_alpha=p.eval_cd_alpha,
-                         edit_image_guidance=p.eval_edit_guidance[0], edit_text_guidance=p.eval_edit_guidance[1])
+        cfg = EvalConfig(n=p.eval.n, grid_dir=str(d / "grids"), batch_size=32)
         real = _real_features(pipe, data["val"])
         out: dict[str, Any] = {"tasks": {}, "ablations": {}}
-        main = eval_t2i(pipe, t2i_records, cfg, name="t2i", real_features=real)
+        main = eval_t2i(pipe, t2i_records, cfg, name="t2i", real_features=real, samples=p.eval.samples)
         out["tasks"]["t2i"] = dataclasses.asdict(main)
         others = [t for t in tasks if t != "t2i"]
-        for name, res in run_eval(pipe, records, others, dataclasses.replace(cfg, n=p.eval_tasks_n)).items():
+        for name, res in run_eval(pipe, records, others, dataclasses.replace(cfg, n=p.eval.tasks_n)).items():
             out["tasks"][name] = dataclasses.asdict(res)
         if ablations:
-            quiet = dataclasses.replace(cfg, grid_dir=None, samples=p.ablation_samples)
+            quiet = dataclasses.replace(cfg, grid_dir=None)
+            t2i = pipe.generation_config.text_to_image
             done: dict[tuple[Any, ...], dict[str, float]] = {}
 
             # One knob at a time around the main setting, without re-ranking (one CFG + top-p
             # stream), except the sampling rows, which compare the three sample sets re-ranked.
-            def ablate(guidance: float = cfg.guidance, retrieve: int = cfg.retrieve, mode: str = "top_p",
+            def ablate(guidance: float = t2i.sampling.guidance, retrieve: int = t2i.retrieve, mode: str = "top_p",
                        rerank: bool = False) -> dict[str, float]:
                 key = (guidance, retrieve, mode, rerank)  # one run per distinct setting
                 if key not in done:
-                    done[key] = eval_t2i(pipe, t2i_records, quiet, guidance=guidance, retrieve=retrieve, mode=mode,
-                                         rerank=rerank).metrics
+                    done[key] = eval_t2i(pipe, t2i_records, quiet, samples=p.eval.ablation_samples, guidance=guidance,
+                                         retrieve=retrieve, mode=mode, rerank=rerank).metrics
                 return done[key]
 
             ab: dict[str, Any] = {}
-            for g in sorted({1.0, cfg.guidance, 2.0, 3.0, 5.0}):
+            for g in sorted({1.0, t2i.sampling.guidance, 2.0, 3.0, 5.0}):
                 ab[f"cfg_{g:g}"] = ablate(guidance=g)
             for k in (0, 1, 2):
                 ab[f"retrieve_{k}"] = ablate(retrieve=k)
@@ -670,55 +575,66 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
 
 
 # ---- entry point ------------------------------------------------------------------------------
-def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", *, force: bool = False) -> dict[str, Any]:
-    """Run (or resume) the whole recipe into ``out``; returns the report dict."""
+def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", *, device: str = "auto",
+                   force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole recipe into ``out`` on ``device`` (auto: CUDA when available);
+    returns the report dict."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if p.device == "auto" and not torch.cuda.is_available() and os.environ.get("CM3LEON_THREADS"):
-        torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and os.environ.get("CM3LEON_THREADS"):
+            torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
     t0 = time.perf_counter()
-    st = Stages(out, p, force=force)
-    data = st.run("data", _stage_data(p), ("n_train", "n_val", "snap", "max_objects", "caption_order"))
+    st = Stages(out, p, device=device, force=force)
+    data = st.run("data", _stage_data(p), ("n_train", "n_val"))
     text = st.run("text_tokenizer", _stage_text_tokenizer(p, data), ("text_vocab",), after=("data",))
-    image = st.run("image_tokenizer", _stage_image_tokenizer(p, data),
-                   ("vq_preset", "vq_steps", "vq_batch", "vq_overrides", "vq_images"), after=("data",))
-    enc = st.run("encoder", _stage_encoder(p, data, text), ("encoder_steps", "encoder_detailed_prob", "encoder_hard_negatives",
-                                                         "encoder_overrides"),
-                 after=("data", "text_tokenizer"))
+    image = st.run("image_tokenizer", _stage_image_tokenizer(p, data, device), ("image_tokenizer",), after=("data",))
+    enc = st.run("encoder", _stage_encoder(p, data, text, device), ("encoder_steps",),
+                 inputs={"encoder_detailed_prob": ENCODER_DETAILED_PROB}, after=("data", "text_tokenizer"))
     index = st.run("index", _stage_index(p, data, enc), after=("data", "encoder"))
-    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index), ("detailed_caption_prob",),
+    shards = st.run("shards", _stage_shards(p, data, text, image, enc, index),
+                    inputs={"pretrain_detailed_prob": PRETRAIN_DETAILED_PROB},
                     after=("text_tokenizer", "image_tokenizer", "index"))
-    pre = st.run("pretrain", _stage_pretrain(p, shards),
-                 ("model_preset", "model_overrides", "image_pos_emb", "seq_len", "n_retrieved", "pretrain_steps",
-                  "pretrain_batch", "pretrain_lr", "train_seed"), after=("shards",),
-                 complete=lambda r: r.get("steps") == p.pretrain_steps)
+    from cm3leon.data.shards import Shards
+
+    vocab = Shards(shards["pretrain"]).vocab
+    pre_run = p.pretrain_run(vocab, out, device)
+    pre = st.run("pretrain", _stage_train("pretraining", pre_run, None), inputs={"run": _run_key(pre_run)},
+                 after=("shards",), complete=lambda r: r.get("steps") == pre_run.train.steps)
     reranker = None
     if p.reranker_steps:
-        reranker = st.run("reranker", _stage_reranker(p, data, text), ("reranker_steps",),
+        reranker = st.run("reranker", _stage_reranker(p, data, text, device), ("reranker_steps",),
                           after=("data", "text_tokenizer"))
     with_reranker = ("reranker",) if reranker else ()
     pre_dir = st.run("model_pretrained", _stage_assemble("pretrained", text, image, enc, index, shards, pre, reranker),
-                     after=("pretrain", *with_reranker))
+                     inputs={"generation": SHAPES_GENERATION}, after=("pretrain", *with_reranker))
     # The paper's text-to-image results and ablations are of the pretrained model (§3); SFT
     # is for the instructable tasks, so the ablations run here.
-    eval_fields = ("eval_n", "eval_tasks_n", "eval_samples", "eval_top_p", "eval_temperature", "eval_retrieve", "eval_guidance",
-                   "eval_mode", "eval_cd_k", "eval_cd_alpha", "eval_edit_guidance")
-    ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, ablations=p.ablations,
+    ev_pre = st.run("eval_pretrained", _stage_eval(p, data, pre_dir, device, ablations=p.eval.ablations,
                                                    tasks=("t2i", "caption", "vqa")),
-                    (*eval_fields, "ablations", "ablation_samples"), after=("model_pretrained",))
-    sft_shards = st.run("sft_shards", _stage_sft_shards(p, data, text, image), ("sft_records",),
+                    ("eval",), after=("model_pretrained",))
+    st.run("sft_shards", _stage_sft_shards(p, data, text, image), ("sft_records",),
                         after=("text_tokenizer", "image_tokenizer"))
-    sft = st.run("sft", _stage_sft(p, sft_shards, pre),
-                 ("sft_steps", "sft_batch", "sft_lr", "sft_target_infill_prob", "sft_shares"),
-                 after=("pretrain", "sft_shards"), complete=lambda r: r.get("steps") == p.sft_steps)
+    sft_run = p.sft_run(vocab, out, device)
+    sft = st.run("sft", _stage_train("SFT", sft_run, pre["dir"]), inputs={"run": _run_key(sft_run)},
+                 after=("pretrain", "sft_shards"), complete=lambda r: r.get("steps") == sft_run.train.steps)
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft, reranker),
-                     after=("sft", *with_reranker))
+                     inputs={"generation": SHAPES_GENERATION}, after=("sft", *with_reranker))
     all_tasks = ("t2i", "caption", "vqa", "edit", "control", "ground")
-    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, ablations=False, tasks=all_tasks), eval_fields,
-                    after=("model",))
+    ev_sft = st.run("eval", _stage_eval(p, data, sft_dir, device, ablations=False, tasks=all_tasks),
+                    ("eval",), after=("model",))
     from cm3leon.report import write_report
 
-    report = write_report(out, preset=p, timings=st.timings, results=st.results, eval_pre=ev_pre, eval_sft=ev_sft,
-                          wall=time.perf_counter() - t0)
+    report = write_report(out, preset=p, generation=SHAPES_GENERATION, timings=st.timings, results=st.results,
+                          eval_pre=ev_pre, eval_sft=ev_sft, wall=time.perf_counter() - t0)
     return report
+
+
+def _run_key(run: RunConfig) -> dict[str, Any]:
+    """A run config as a stage input: without its absolute paths (a moved workspace is reused)."""
+    d = run.to_dict()
+    d.pop("init_from", None)
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "val")}
+    return d

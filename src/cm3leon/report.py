@@ -56,9 +56,9 @@ def _metrics_table(ev_pre: dict[str, Any], ev_sft: dict[str, Any]) -> tuple[list
     return rows, table
 
 
-def _sample_set(preset: Any) -> str:
-    cd = f"CD-K with k={preset.eval_cd_k}, alpha={preset.eval_cd_alpha:g}"
-    return {"top_p": "all CFG + top-p", "cd_k": f"all {cd}", "mix": f"half CFG + top-p, half {cd}"}[preset.eval_mode]
+def _sample_set(t2i: Any) -> str:
+    cd = f"CD-K with k={t2i.sampling.cd_k}, alpha={t2i.sampling.cd_alpha:g}"
+    return {"top_p": "all CFG + top-p", "cd_k": f"all {cd}", "mix": f"half CFG + top-p, half {cd}"}[t2i.mode]
 
 
 def _ablation_table(ab: dict[str, Any]) -> str:
@@ -78,12 +78,13 @@ def _ablation_table(ab: dict[str, Any]) -> str:
     return f"{note}<table><tr><th>setting</th>{head}</tr>{body}</table>"
 
 
-def write_report(out: Path, *, preset: Any, timings: dict[str, float], results: dict[str, Any],
+def write_report(out: Path, *, preset: Any, generation: Any, timings: dict[str, float], results: dict[str, Any],
                  eval_pre: dict[str, Any], eval_sft: dict[str, Any], wall: float) -> dict[str, Any]:
     """Write ``out/report.json`` and ``out/report.html``; returns the JSON-ready dict."""
     rows, table = _metrics_table(eval_pre, eval_sft)
     report = {
         "preset": dataclasses.asdict(preset),
+        "generation_config": generation.to_dict(),
         "wall_seconds_this_run": wall,
         "stage_seconds": timings,
         "total_stage_seconds": sum(timings.values()),
@@ -112,6 +113,8 @@ def write_report(out: Path, *, preset: Any, timings: dict[str, float], results: 
             examples += f"<h3>{t}</h3><table>" + "".join(
                 "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in e.values()) + "</tr>" for e in ex
             ) + "</table>"
+    t2i, edit = generation.text_to_image, generation.edit.sampling
+    samples = preset.eval.samples or t2i.samples
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cm3leon quickstart report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{image-rendering:pixelated;max-width:100%}}</style>
@@ -121,14 +124,15 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{image-renderi
 retrieval-augmented CM3 pretraining → SFT → evaluation. Total stage time {sum(timings.values()):.0f}s
 (this invocation {wall:.0f}s; reused stages cost nothing).</p>
 <h2>Metrics (held-out Shapes)</h2>{table}
-<p>Text-to-image uses the detailed caption as prompt, {preset.eval_retrieve} retrieved
-document{'' if preset.eval_retrieve == 1 else 's'}, CFG
-{preset.eval_guidance:g}, temperature {preset.eval_temperature:g}, top-p {preset.eval_top_p:g},
-{preset.eval_samples} samples per prompt ({_sample_set(preset)}) re-ranked by CLIP score with
+<p>Text-to-image uses the detailed caption as prompt, {t2i.retrieve} retrieved
+document{'' if t2i.retrieve == 1 else 's'}, CFG
+{t2i.sampling.guidance:g}, temperature {t2i.sampling.temperature:g}, top-p {t2i.sampling.top_p:g},
+{samples} samples per prompt ({_sample_set(t2i)}) re-ranked by CLIP score with
 {"a separate re-ranker (a dual encoder trained on detailed captions for " + str(preset.reranker_steps) + " steps)"
  if preset.reranker_steps else "the retrieval encoder"}; "all correct" means every attribute (shape, color, size, position) of every object right
-and the object count right. Editing decodes with instruct-CFG {preset.eval_edit_guidance[0]:g} (image) /
-{preset.eval_edit_guidance[1]:g} (text); the other image tasks with CFG {preset.eval_guidance:g}.</p>
+and the object count right. Editing decodes with instruct-CFG {edit.image_guidance:g} (image) /
+{edit.text_guidance:g} (text); the other image tasks with CFG {generation.control.sampling.guidance:g}
+(the model directory's generation_config.json).</p>
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
 {''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}
 {f'<h3>pretrained-only model, same prompts</h3><img src="{html.escape(pre_grid)}">' if pre_grid else ''}

@@ -22,20 +22,22 @@ def register(sub: Any) -> None:
     p.add_argument("--task", action="append", choices=["t2i", "caption", "vqa", "edit", "control", "ground"],
                    help="task to evaluate (repeatable; default: all)")
     p.add_argument("--n", type=int, default=64, help="records per task (default 64)")
-    p.add_argument("--samples", type=int, default=4, help="images per text-to-image prompt (default 4)")
-    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale (default 3; the quickstart uses 1.5)")
+    d = "default: the model's generation_config.json"
+    p.add_argument("--samples", type=int, default=None, help=f"images per text-to-image prompt ({d})")
+    p.add_argument("--guidance", type=float, default=None, help=f"CFG scale of the image tasks but editing ({d})")
     # the values of generate.logits.IMAGE_SAMPLE_MODES, spelled out: the CLI starts without torch
-    p.add_argument("--mode", default="top_p", choices=["top_p", "cd_k", "mix"],
-                   help="text-to-image sampling: CFG + top-p, CD-K, or half each (paper §3.1; default top_p)")
-    p.add_argument("--cd-k", type=int, default=8, help="CD-K's k (default 8; the quickstart uses 1)")
-    p.add_argument("--cd-alpha", type=float, default=0.1, help="CD-K's alpha (default 0.1; the quickstart uses 0.3)")
-    p.add_argument("--retrieve", type=int, default=0, choices=[0, 1, 2],
-                   help="retrieved documents in front of each text-to-image prompt (the quickstart uses 2)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the quickstart uses 0.5)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus cut (the quickstart uses 1.0)")
-    p.add_argument("--edit-guidance", type=float, nargs=2, default=(1.5, 7.5), metavar=("IMAGE", "TEXT"),
-                   help="editing's image and text CFG scales (default the paper's 1.5 7.5; the quickstart uses 1.25 1.25)")
-    p.add_argument("--no-rerank", action="store_true")
+    p.add_argument("--mode", default=None, choices=["top_p", "cd_k", "mix"],
+                   help=f"text-to-image sampling: CFG + top-p, CD-K, or half each (paper §3.1; {d})")
+    p.add_argument("--cd-k", type=int, default=None, help=f"CD-K's k ({d})")
+    p.add_argument("--cd-alpha", type=float, default=None, help=f"CD-K's alpha ({d})")
+    p.add_argument("--retrieve", type=int, default=None, choices=[0, 1, 2],
+                   help=f"retrieved documents in front of each text-to-image prompt ({d})")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature of the image tasks ({d})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus cut of the image tasks ({d})")
+    p.add_argument("--edit-guidance", type=float, nargs=2, default=(None, None), metavar=("IMAGE", "TEXT"),
+                   help=f"editing's image and text CFG scales ({d})")
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"re-rank text-to-image samples by CLIP score ({d})")
     p.add_argument("--grids", default=None, help="write sample grids (PNG) into this directory")
     p.add_argument("--json", default=None, help="write metrics here")
     p.add_argument("--device", default="cpu")
@@ -51,16 +53,21 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
-    if not (args.temperature > 0 and 0 < args.top_p <= 1):
-        raise ValueError(f"need --temperature > 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
     records = list(Dataset(args.data))
     if not records or "objects" not in records[0].meta:
         raise ValueError(f"{args.data} is not a Shapes dataset; the harness needs Shapes annotations")
     pipe = CM3Leon.from_pretrained(args.model, device=args.device)
-    cfg = EvalConfig(n=args.n, samples=args.samples, guidance=args.guidance, retrieve=args.retrieve,
-                     temperature=args.temperature, top_p=args.top_p, rerank=not args.no_rerank, grid_dir=args.grids,
-                     mode=args.mode, cd_k=args.cd_k, cd_alpha=args.cd_alpha, edit_image_guidance=args.edit_guidance[0],
-                     edit_text_guidance=args.edit_guidance[1])
+    gen = pipe.generation_config
+    common = {"guidance": args.guidance, "temperature": args.temperature, "top_p": args.top_p}
+    gen = dataclasses.replace(
+        gen,
+        text_to_image=gen.text_to_image.replace(**common, samples=args.samples, mode=args.mode, cd_k=args.cd_k,
+                                                cd_alpha=args.cd_alpha, retrieve=args.retrieve, rerank=args.rerank),
+        edit=gen.edit.replace(temperature=args.temperature, top_p=args.top_p, image_guidance=args.edit_guidance[0],
+                              text_guidance=args.edit_guidance[1]),
+        control=gen.control.replace(**common), grounding=gen.grounding.replace(**common),
+    )
+    cfg = EvalConfig(n=args.n, decoding=gen, grid_dir=args.grids)
     results = run_eval(pipe, records, args.task or list(TASKS), cfg)
     out = {t: dataclasses.asdict(r) for t, r in results.items()}
     for t, r in results.items():

@@ -13,11 +13,17 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, *, guidance: float = 3.0) -> None:
-    p.add_argument("--n", type=int, default=1, help="images to generate (default: 1)")
-    p.add_argument("--guidance", type=float, default=guidance, help=f"CFG scale (default {guidance}; 1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.9)
+# Every decoding flag defaults to the model directory's generation_config.json (paper-like
+# values when it has none: CFG 3, temperature 1, top-p 0.9, edits 1.5 / 7.5).
+_FROM_MODEL = "default: the model's generation_config.json"
+
+
+def _sampling_args(p: argparse.ArgumentParser, *, guidance: bool = True) -> None:
+    p.add_argument("--n", type=int, default=None, help=f"images to generate ({_FROM_MODEL})")
+    if guidance:
+        p.add_argument("--guidance", type=float, default=None, help=f"CFG scale, 1 = off ({_FROM_MODEL})")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature ({_FROM_MODEL})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus mass, 1 = off ({_FROM_MODEL})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out.png", help="output PNG; several images are written as a grid")
 
@@ -27,17 +33,21 @@ def register(sub: Any) -> None:
     g = sub.add_parser("generate", help="text-to-image", formatter_class=fmt,
                        description="Generate images from a text prompt (CFG, CD-K, retrieval, CLIP re-ranking).",
                        epilog='example: cm3leon generate --model runs/quickstart/model "a large red circle at the top left" '
-                              "--n 8 --rerank --out grid.png")
+                              "--n 8 --out grid.png")
     _model_arg(g)
     g.add_argument("prompt")
     _sampling_args(g)
     g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--cd-k", type=int, default=None, help="use CD-K with this k (paper Eq. 3)")
-    g.add_argument("--cd-alpha", type=float, default=0.1,
-                   help="CD-K's alpha: candidates have p >= alpha x the k-th largest probability (default 0.1)")
-    g.add_argument("--mix", action="store_true", help="half top-p + CFG, half CD-K (the paper's sample mix)")
-    g.add_argument("--retrieve", type=int, default=0, choices=[0, 1, 2], help="retrieved documents to prepend")
-    g.add_argument("--rerank", action="store_true", help="order samples by CLIP score (best first)")
+    g.add_argument("--mode", default=None, choices=["top_p", "cd_k", "mix"],
+                   help=f"sample set: CFG + top-p, CD-K (paper Eq. 3), or half each, the paper's mix ({_FROM_MODEL})")
+    g.add_argument("--cd-k", type=int, default=None, help="CD-K's k; without --mode it selects CD-K")
+    g.add_argument("--cd-alpha", type=float, default=None,
+                   help=f"CD-K's alpha: candidates have p >= alpha x the k-th largest probability ({_FROM_MODEL})")
+    g.add_argument("--mix", action="store_const", const="mix", dest="mode", help="same as --mode mix")
+    g.add_argument("--retrieve", type=int, default=None, choices=[0, 1, 2],
+                   help=f"retrieved documents to prepend ({_FROM_MODEL})")
+    g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"order samples by CLIP score, best first ({_FROM_MODEL})")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("caption", help="image-to-text", formatter_class=fmt, description="Describe an image.",
@@ -62,10 +72,9 @@ def register(sub: Any) -> None:
     _model_arg(e)
     e.add_argument("image")
     e.add_argument("instruction")
-    _sampling_args(e)
-    e.add_argument("--image-guidance", type=float, default=1.5, help="image-stream CFG (default the paper's 1.5)")
-    e.add_argument("--text-guidance", type=float, default=7.5,
-                   help="text-stream CFG (default the paper's 7.5; quickstart models need about 1.25, see docs/sft.md)")
+    _sampling_args(e, guidance=False)
+    e.add_argument("--image-guidance", type=float, default=None, help=f"image-stream CFG ({_FROM_MODEL})")
+    e.add_argument("--text-guidance", type=float, default=None, help=f"text-stream CFG ({_FROM_MODEL})")
     e.set_defaults(func=_edit)
 
     k = sub.add_parser("control", help="edge/segmentation/depth-to-image", formatter_class=fmt,
@@ -107,11 +116,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    if args.n <= 0 or args.n > 64:
+    if args.n is not None and not 1 <= args.n <= 64:
         raise ValueError(f"--n must be between 1 and 64, got {args.n}")
-    for name in ("guidance", "temperature", "top_p"):
-        v = getattr(args, name, 1.0)
-        if not math.isfinite(v):
+    for name in ("guidance", "temperature", "top_p", "image_guidance", "text_guidance", "cd_alpha"):
+        v = getattr(args, name, None)
+        if v is not None and not math.isfinite(v):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
 
 
@@ -131,7 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
     _check_common(args)
     pipe = _load(args)
     res = pipe.generate_image(args.prompt, n=args.n, guidance=args.guidance, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, cd_alpha=args.cd_alpha, mix=args.mix,
+                              top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, cd_alpha=args.cd_alpha, mode=args.mode,
                               retrieve=args.retrieve, rerank=args.rerank, seed=args.seed)
     if res.retrieved:
         print("retrieved:", " | ".join(res.retrieved))

@@ -23,40 +23,34 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of pretraining and SFT (default 0); other seeds redo those stages and the evaluations, "
                    "to show the run-to-run spread")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: CUDA when available)")
     p.add_argument("--sft-steps", type=int, default=None,
-                   help="SFT steps (default: the preset's; 480 for default). A rerun with more steps redoes only SFT "
-                   "and its evaluation: 1920 takes ~7-13 and 3840 ~13-20 more minutes on 2 cores (docs/sft.md)")
+                   help="SFT steps (default: the SFT recipe's; 480 for default); the recipe scales its schedule to "
+                   "them. A rerun with other steps redoes only SFT and its evaluation")
     p.add_argument("--sft-mix", default=None, choices=["default", "copy"],
-                   help="SFT task shares (default: the preset's). copy: shares shifted to editing, edge/seg/depth-to-"
-                   "image and grounding, which gain at the cost of VQA (with --sft-steps 1920 on 4800 records: "
-                   "seg/depth-to-image ~66/69%% vs 59%%, edit 31-37%% vs 28%%, VQA ~74%% vs 89%%; docs/sft.md). Redoes "
-                   "only SFT and its evaluation. The long-SFT run of docs/sft.md (every SFT target met in two seeds of three, all but VQA in the third): --sft-steps 3840 "
-                   "--sft-mix copy --sft-records 16000")
+                   help="SFT task shares (default: the recipe's). copy: shares shifted to editing, edge/seg/depth-to-"
+                   "image and grounding, at the cost of VQA. Redoes only SFT and its evaluation. The long SFT of "
+                   "docs/results.md: --sft-steps 3840 --sft-mix copy --sft-records 16000")
     p.add_argument("--sft-records", type=int, default=None,
                    help="Shapes train records the SFT examples are built from, 12 tasks each (default: the preset's; "
-                   "4800 for default). Long SFT runs gain from more: with --sft-steps 3840 --sft-mix copy, 16000 gave "
-                   "edit 51-55%%, edge/seg-to-image 69-70/69-79%%, grounding IoU 0.62-0.74, captions 93-97%%, "
-                   "VQA 75-87%% over three seeds (docs/sft.md). Redoes the SFT examples, SFT and its evaluation")
+                   "4800 for default). Redoes the SFT examples, SFT and its evaluation")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from cm3leon.quickstart import SFT_MIXES, StageInterrupted, get_preset, run_quickstart
+    from cm3leon.quickstart import StageInterrupted, get_preset, run_quickstart
 
     for flag, value in (("--sft-steps", args.sft_steps), ("--sft-records", args.sft_records)):
         if value is not None and value < 1:
             raise SystemExit(f"cm3leon quickstart: {flag} must be >= 1, got {value}")
-    over: dict[str, object] = {"train_seed": args.seed}
-    if args.sft_steps is not None:
-        over["sft_steps"] = args.sft_steps
-    if args.sft_records is not None:
-        over["sft_records"] = args.sft_records
-    if args.sft_mix is not None:
-        over["sft_shares"] = dict(SFT_MIXES[args.sft_mix])
+    over: dict[str, object] = {"seed": args.seed}
+    for name in ("sft_steps", "sft_records", "sft_mix"):
+        if getattr(args, name) is not None:
+            over[name] = getattr(args, name)
     try:
-        report = run_quickstart(args.out, get_preset(args.preset, **over), force=args.force)
+        report = run_quickstart(args.out, get_preset(args.preset, **over), device=args.device, force=args.force)
     except StageInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130

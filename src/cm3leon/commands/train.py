@@ -42,7 +42,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", type=Path, help="directory the config's relative data paths are under "
                    "(default: the parent of --out)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides the config)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (a recipe scales its warmup, logging and "
+                   "checkpoints to them; with --config only train.steps changes)")
     p.add_argument("--until-step", type=int, help="stop (checkpointed, resumable) after this step")
     p.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                    help="edit the config: lr=1e-4, train.dist=ddp, data.train=DIR, model_overrides.d_model=128")
@@ -69,74 +70,26 @@ def register(sub: Any) -> None:
 
 def load_run_config(args: argparse.Namespace) -> Any:
     """The run config from --recipe/--config with --steps/--override applied (paths not yet resolved)."""
-    from cm3leon.train.config import RunConfig, get_recipe
+    from cm3leon.train.config import RunConfig
+    from cm3leon.train.recipes import get_recipe
 
+    edits = list(args.override)
     if args.recipe:
-        run = get_recipe(args.recipe)
+        run = get_recipe(args.recipe, steps=args.steps)  # the recipe scales its schedule to --steps
     elif args.config:
         run = RunConfig.from_json_file(args.config)
+        if args.steps is not None:
+            edits.append(f"train.steps={args.steps}")
     else:
         raise ValueError("give --recipe NAME or --config FILE (see --list-recipes)")
-    edits = list(args.override)
-    if args.steps is not None:
-        edits.append(f"train.steps={args.steps}")
     return run.with_overrides(edits) if edits else run
-
-
-def build_datasets(run: Any) -> tuple[Any, Any, Any]:
-    """(train, val or None, vocab) for a run config whose paths are absolute."""
-    from cm3leon.data.shards import Shards
-
-    def open_one(path: str, seed: int) -> Any:
-        if not Path(path).exists():
-            raise FileNotFoundError(
-                f"tokenized shards {path} not found; tokenize data with `cm3leon data tokenize`, "
-                "or point the config at them (--workspace DIR or --override data.train=DIR)"
-            )
-        shards = Shards(path)
-        opts = dict(run.data.options)
-        if run.data.kind == "sft":
-            from cm3leon.sequence.sft import SFTDataset
-
-            return SFTDataset(shards, seq_len=run.data.seq_len, seed=seed, **opts)
-        from cm3leon.sequence.build import PretrainDataset
-
-        return PretrainDataset(shards, seq_len=run.data.seq_len, seed=seed, **opts)
-
-    train = open_one(run.data.train, run.train.seed)
-    val = open_one(run.data.val, run.train.seed + 1) if run.data.val else None
-    if val is not None and val.vocab != train.vocab:
-        raise ValueError(f"validation shards {run.data.val} use another vocabulary ({val.vocab}) than the "
-                         f"training shards ({train.vocab}); tokenize both with the same tokenizers")
-    return train, val, train.vocab
-
-
-def _model_config(run: Any, vocab: Any, base: Path | None) -> Any:
-    from cm3leon.config import ModelConfig, from_json_dict, load_json
-    from cm3leon.model.io import load_config
-    from cm3leon.vocab import Vocab
-
-    if base is None:
-        return ModelConfig.from_name(run.model, vocab_size=vocab.size, **run.model_overrides)
-    cfg = load_config(base)
-    if (base / "vocab.json").exists():
-        base_vocab = from_json_dict(Vocab, load_json(base / "vocab.json"))
-        if base_vocab != vocab:
-            raise ValueError(f"the base model {base} was trained with {base_vocab} but the SFT shards use {vocab}; "
-                             "tokenize the SFT data with the pretraining tokenizers")
-    if cfg.vocab_size != vocab.size:
-        raise ValueError(f"the base model {base} has vocab_size={cfg.vocab_size} but the SFT shards' vocabulary has "
-                         f"{vocab.size} ids; tokenize the SFT data with the pretraining tokenizers")
-    if run.data.seq_len > cfg.max_seq_len:
-        raise ValueError(f"data.seq_len={run.data.seq_len} exceeds the base model's max_seq_len={cfg.max_seq_len}")
-    return cfg
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
     from cm3leon.cli import CLIError
-    from cm3leon.train.config import RECIPES
+    from cm3leon.train.recipes import RECIPES
 
     if args.list_recipes:
         width = max(map(len, RECIPES))
@@ -162,15 +115,12 @@ def _run_train(args: argparse.Namespace) -> int:
                                     "train` --out directory")
     elif run.init_from:
         base = Path(run.init_from)
-    train_data, val_data, vocab = build_datasets(run)
-    model_cfg = _model_config(run, vocab, base)
-
-    from cm3leon.train.loop import NonFiniteLossError, train
+    from cm3leon.train.loop import NonFiniteLossError
+    from cm3leon.train.run import run_training
 
     try:
-        res = train(model_cfg, run.train, train_data, args.out, vocab=vocab, val_data=val_data, resume=args.resume,
-                    init_from=None if args.resume else base, until_step=args.until_step,
-                    progress=not args.no_progress)
+        res = run_training(run, args.out, base=base, resume=args.resume, until_step=args.until_step,
+                           progress=not args.no_progress)
     except NonFiniteLossError as e:
         raise CLIError(str(e)) from e
     if int(os.environ.get("RANK", "0")) != 0:

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from cm3leon.data.records import DocRecord
 from cm3leon.eval import metrics
-from cm3leon.generate.logits import IMAGE_SAMPLE_MODES
+from cm3leon.generate.generation_config import GenerationConfig, TaskDecoding
 from cm3leon.pipeline import CM3Leon
 from cm3leon.shapes.captions import parse_caption
 from cm3leon.shapes.judge import judge
@@ -34,25 +34,23 @@ T2I_CHECKS = ("shape", "color", "size", "position", "count")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how hard to decode."""
+    """What to evaluate; how to decode comes from ``decoding``, by default the model's
+    ``generation_config.json`` (:attr:`CM3Leon.generation_config`)."""
 
     n: int = 64  # records (prompts) per task
-    samples: int = 4  # images per text-to-image prompt (re-ranked when rerank)
-    guidance: float = 3.0
-    temperature: float = 1.0  # every image-generating task samples with these two
-    top_p: float = 0.9
-    mode: str = "top_p"  # text-to-image sampling: top_p (CFG + nucleus), cd_k, or mix (half each)
-    cd_k: int = 8
-    cd_alpha: float = 0.1
-    rerank: bool = True
-    retrieve: int = 0
-    # Editing's instruct-CFG scales (image stream, text stream). The paper's 1.5 / 7.5 suit a
-    # 7B model; on the quickstart's model text guidance 7.5 turns edits into noise (0% right).
-    edit_image_guidance: float = 1.5
-    edit_text_guidance: float = 7.5
+    decoding: GenerationConfig | None = None
     batch_size: int = 32
     seed: int = 0
     grid_dir: str | None = None  # write PNG grids here
+
+
+def _decoding(pipe: CM3Leon, cfg: EvalConfig, task: str) -> TaskDecoding:
+    return (cfg.decoding or pipe.generation_config).task(task)
+
+
+def _image_settings(d: TaskDecoding, *names: str) -> dict[str, Any]:
+    """The pipeline keywords ``names`` (``n`` is ``d.samples``) taken from ``d``."""
+    return {k: d.samples if k == "n" else getattr(d.sampling, k) for k in names}
 
 
 @dataclass
@@ -106,30 +104,24 @@ def save_grid(rows: Sequence[Sequence[Image.Image]], path: str | Path, *, labels
 
 # ---- text-to-image ----------------------------------------------------------------------
 def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, name: str = "t2i",
-             guidance: float | None = None, mode: str | None = None, rerank: bool | None = None,
-             retrieve: int | None = None, real_features: np.ndarray | None = None) -> TaskResult:
+             real_features: np.ndarray | None = None, **overrides: Any) -> TaskResult:
     """Text-to-image from detailed captions; judged on shape, color, size, position and count.
 
-    ``mode`` (default ``cfg.mode``): ``top_p`` (CFG + nucleus), ``cd_k`` (CD-K) or ``mix`` (half
-    each, paper §3.1). With re-ranking the best sample of each prompt is judged; without it,
+    Decoding is the ``text_to_image`` defaults with ``overrides`` (any :class:`TaskDecoding`
+    field: ``guidance``, ``mode`` — ``top_p``, ``cd_k`` or ``mix`` —, ``rerank``, ``retrieve``,
+    ``samples``...). With re-ranking the best sample of each prompt is judged; without it,
     every sample is, so the rates are per sample.
     """
     t0 = time.perf_counter()
-    mode = cfg.mode if mode is None else mode
-    if mode not in IMAGE_SAMPLE_MODES:
-        raise ValueError(f"unknown text-to-image sampling mode {mode!r}; choose one of {IMAGE_SAMPLE_MODES}")
-    guidance = cfg.guidance if guidance is None else guidance
-    rerank = (cfg.rerank if rerank is None else rerank) and pipe.reranker is not None
-    retrieve = cfg.retrieve if retrieve is None else retrieve
+    d = _decoding(pipe, cfg, "text_to_image").replace(**overrides)
+    rerank = d.rerank and pipe.reranker is not None
     prompts = [r.meta["captions"]["detailed"] for r in records]
     best: list[Image.Image] = []
     all_samples: list[list[Image.Image]] = []
     for chunk in _chunks(prompts, cfg.batch_size):
         res = pipe.generate_images(
-            list(chunk), n=cfg.samples, guidance=guidance, temperature=cfg.temperature, top_p=cfg.top_p,
-            cd_k=cfg.cd_k if mode in ("cd_k", "mix") else None, cd_alpha=cfg.cd_alpha, mix=mode == "mix",
-            retrieve=retrieve,
-            rerank=rerank, seed=cfg.seed,
+            list(chunk), **_image_settings(d, "n", "guidance", "temperature", "top_p", "top_k", "cd_k", "cd_alpha"),
+            mode=d.mode, retrieve=d.retrieve, rerank=rerank, seed=cfg.seed,
         )
         for r in res:
             best.append(r.images[0])
@@ -187,7 +179,8 @@ def eval_caption(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -
     t0 = time.perf_counter()
     outs: list[str] = []
     for chunk in _chunks(records, cfg.batch_size):
-        outs.extend(pipe.captions([r.image for r in chunk]))
+        outs.extend(pipe.captions([r.image for r in chunk],
+                                  max_new_tokens=_decoding(pipe, cfg, "caption").max_new_tokens))
     ok = [_caption_attr_correct(c, r.meta["objects"]) for c, r in zip(outs, records)]
     refs = {i: [r.meta["captions"]["short"], r.meta["captions"]["detailed"]] for i, r in enumerate(records)}
     m = {"caption_attribute_accuracy": float(np.mean(ok)),
@@ -206,7 +199,8 @@ def eval_vqa(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> Ta
         items = [items[i] for i in sorted(rng.choice(len(items), cfg.n * 2, replace=False))]
     outs: list[str] = []
     for chunk in _chunks(items, cfg.batch_size):
-        outs.extend(pipe.answers([r.image for r, _ in chunk], [qa["question"] for _, qa in chunk]))
+        outs.extend(pipe.answers([r.image for r, _ in chunk], [qa["question"] for _, qa in chunk],
+                                 max_new_tokens=_decoding(pipe, cfg, "vqa").max_new_tokens))
     acc = [metrics.vqa_accuracy(o, [qa["answer"]] * 10) for o, (_, qa) in zip(outs, items)]
     m = {"vqa_accuracy": float(np.mean(acc)) if acc else float("nan")}
     for t in VQA_TYPES:
@@ -223,9 +217,9 @@ def eval_edit(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> T
     t0 = time.perf_counter()
     outs: list[Image.Image] = []
     for chunk in _chunks(records, cfg.batch_size):
-        res = pipe.edits([r.image for r in chunk], [r.meta["edit"]["instruction"] for r in chunk],
-                         image_guidance=cfg.edit_image_guidance, text_guidance=cfg.edit_text_guidance,
-                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+        res = pipe.edits([r.image for r in chunk], [r.meta["edit"]["instruction"] for r in chunk], seed=cfg.seed,
+                         **_image_settings(_decoding(pipe, cfg, "edit"), "image_guidance", "text_guidance",
+                                           "temperature", "top_p", "n"))
         outs.extend(x[0] for x in res)
     verdicts = [judge(o, _objects(r.meta["edit"]["objects"]), check=T2I_CHECKS) for o, r in zip(outs, records)]
     m = {"edit_accuracy": float(np.mean([v.all_correct for v in verdicts])),
@@ -254,8 +248,9 @@ def eval_control(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig,
         outs: list[Image.Image] = []
         for chunk in _chunks(records, cfg.batch_size):
             res = pipe.controls(kind, [r.meta["images"][kind] for r in chunk],
-                                [r.meta["captions"]["short"] for r in chunk], guidance=cfg.guidance,
-                                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+                                [r.meta["captions"]["short"] for r in chunk], seed=cfg.seed,
+                                **_image_settings(_decoding(pipe, cfg, "control"), "guidance", "temperature", "top_p",
+                                                  "n"))
             outs.extend(x[0] for x in res)
         ok = [judge(o, _objects(r.meta["objects"]), check=T2I_CHECKS).all_correct for o, r in zip(outs, records)]
         m[f"{kind}_to_image_accuracy"] = float(np.mean(ok))
@@ -272,8 +267,9 @@ def eval_ground(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) ->
     for chunk in _chunks(records, cfg.batch_size):
         objs = [[(f"{o['color']} {o['shape']}", o["box"]) for o in sorted(r.meta["objects"], key=lambda o: o["z"])]
                 for r in chunk]
-        res = pipe.grounds([r.meta["captions"]["short"] for r in chunk], objs, guidance=cfg.guidance,
-                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+        res = pipe.grounds([r.meta["captions"]["short"] for r in chunk], objs, seed=cfg.seed,
+                           **_image_settings(_decoding(pipe, cfg, "grounding"), "guidance", "temperature", "top_p",
+                                             "n"))
         outs.extend(x[0] for x in res)
     ious, ok = [], []
     for o, r in zip(outs, records):

@@ -161,13 +161,13 @@ class ImageGenerationRequest(_Strict):
     response_format: str = Field("b64_json", description="only 'b64_json' (PNG, base64)")
     size: str | None = Field(None, pattern=r"^\d+x\d+$", description="'RxR'; must be the model's resolution")
     model: str | None = Field(None, description="accepted for OpenAI clients and ignored: one model is served")
-    guidance: float = Field(3.0, ge=0.0, le=100.0, description="classifier-free guidance scale (1 = off)")
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    guidance: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance scale (1 = off; default: the model's generation_config.json)")
+    temperature: float | None = Field(None, gt=0.0, le=10.0, description="default: the model's generation_config.json")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's generation_config.json")
     top_k: int | None = Field(None, ge=1)
     cd_k: int | None = Field(None, ge=1, description="contrastive decoding top-K (paper Eq. 3); None = off")
-    retrieve: int = Field(0, ge=0, le=2, description="retrieved documents prepended to the prompt")
-    rerank: bool = Field(False, description="order the n images by CLIP score (best first)")
+    retrieve: int | None = Field(None, ge=0, le=2, description="retrieved documents prepended to the prompt (default: the model's generation_config.json)")
+    rerank: bool | None = Field(None, description="order the n images by CLIP score, best first (default: the model's generation_config.json)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1,
                              description="fixes the result; seeded requests are never merged with others")
 
@@ -188,10 +188,10 @@ class EditForm(_Strict):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="the edit instruction")
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: str = "b64_json"
-    image_guidance: float = Field(1.5, ge=0.0, le=100.0)
-    text_guidance: float = Field(7.5, ge=0.0, le=100.0)
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    image_guidance: float | None = Field(None, ge=0.0, le=100.0, description="default: the model's generation_config.json")
+    text_guidance: float | None = Field(None, ge=0.0, le=100.0, description="default: the model's generation_config.json")
+    temperature: float | None = Field(None, gt=0.0, le=10.0, description="default: the model's generation_config.json")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's generation_config.json")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @field_validator("prompt")
@@ -555,6 +555,9 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         if req.size is not None and req.size != f"{resolution}x{resolution}":
             raise APIError(422, f"size {req.size!r} is not available: this model makes {resolution}x{resolution} "
                            f"images; omit size or pass '{resolution}x{resolution}'")
+        d = pipe.defaults("text_to_image", guidance=req.guidance, temperature=req.temperature, top_p=req.top_p,
+                          top_k=req.top_k, retrieve=req.retrieve)
+        rerank = (d.rerank and pipe.reranker is not None) if req.rerank is None else req.rerank
         if req.retrieve and pipe.retriever is None:
             raise APIError(400, "retrieve > 0 needs a retrieval memory in the model directory "
                            "(retrieval/encoder, retrieval/bank, retrieval/memory); use retrieve=0")
@@ -565,8 +568,8 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         if n_tokens > pipe.model.cfg.max_seq_len:
             raise APIError(422, f"the prompt is {n_tokens - 2 - L} tokens long; with the {L} image tokens it "
                            f"exceeds the model's context of {pipe.model.cfg.max_seq_len}; shorten it")
-        s = GenSettings(req.guidance, req.temperature, req.top_p, req.top_k, req.cd_k, req.retrieve, req.rerank,
-                        req.seed)
+        s = GenSettings(d.sampling.guidance, d.sampling.temperature, d.sampling.top_p, d.sampling.top_k, req.cd_k,
+                        d.retrieve if pipe.retriever is not None else 0, rerank, req.seed)
         token = object() if req.seed is not None else None
         return submit(("generate", s, token), (req.prompt, req.n), req.n, progress)
 
@@ -639,7 +642,7 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             "model": cfg.model_name, "size": f"{resolution}x{resolution}", "tokens_per_image": L,
             "max_n": MAX_N, "retrieval": pipe.retriever is not None, "rerank": pipe.reranker is not None,
             "max_batch": cfg.max_batch, "max_upload_bytes": cfg.max_upload_bytes,
-            "context": pipe.model.cfg.max_seq_len,
+            "context": pipe.model.cfg.max_seq_len, "defaults": pipe.generation_config.to_dict(),
         }
 
     @app.post("/v1/images/generations")
@@ -706,7 +709,9 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     async def edits(request: Request) -> Any:
         """Edit an uploaded image following ``prompt``; returns the generations body."""
         form, img = await read_form(request, EditForm)
-        s = EditSettings(form.image_guidance, form.text_guidance, form.temperature, form.top_p, form.seed)
+        d = pipe.defaults("edit", image_guidance=form.image_guidance, text_guidance=form.text_guidance,
+                          temperature=form.temperature, top_p=form.top_p).sampling
+        s = EditSettings(d.image_guidance, d.text_guidance, d.temperature, d.top_p, form.seed)
         token = object() if form.seed is not None else None
         out = await wait_job(request, submit(("edit", s, token), (img, form.prompt, form.n), form.n))
         return Response(status_code=499) if out is None else images_body(out)

@@ -1,9 +1,10 @@
-"""Training configuration: :class:`TrainConfig`, whole-run :class:`RunConfig` and named recipes.
+"""Training configuration: :class:`TrainConfig` and the whole-run :class:`RunConfig`.
 
-A *recipe* is a Python function returning a complete :class:`RunConfig` (model preset,
-optimizer/schedule/batch/parallelism settings and data paths). Data paths in a recipe
-are relative to a *workspace* directory (the folder that holds the tokenized shards,
-e.g. the quickstart's output folder) and are resolved by :meth:`RunConfig.resolve_paths`.
+A run config holds the model preset, the optimizer/schedule/batch/parallelism settings
+and the data paths; the named ones (*recipes*) are in :mod:`cm3leon.train.recipes`. Data
+paths are relative to a *workspace* directory (the folder that holds the tokenized
+shards, e.g. the quickstart's output folder) and are resolved by
+:meth:`RunConfig.resolve_paths`.
 
 Paper defaults (Table 3 / Table 4, OPT recipe): AdamW betas (0.9, 0.95), eps 1e-8,
 weight decay 0.1 on weight matrices only, gradient clipping 1.0, linear warmup then
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,185 +290,3 @@ class RunConfig:
 
         data = dataclasses.replace(self.data, train=res(self.data.train), val=res(self.data.val))
         return dataclasses.replace(self, data=data, init_from=res(self.init_from))
-
-
-# ---- recipes ---------------------------------------------------------------------------
-
-RECIPES: dict[str, Callable[[], RunConfig]] = {}
-
-
-def recipe(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
-    """Register a recipe function under ``name``."""
-
-    def deco(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
-        RECIPES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_recipe(name: str) -> RunConfig:
-    """The run config of recipe ``name``; unknown names raise with the list of known ones."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)} or pass --config FILE")
-    return RECIPES[name]()
-
-
-# Tokens consumed per paper model (Table 3) at 8M-token batches (8 * 2**20 = 2048 x 4096).
-_PAPER_BATCH_TOKENS = 8 * 2**20
-
-
-def _paper_steps(tokens: float) -> int:
-    return int(math.ceil(tokens / _PAPER_BATCH_TOKENS))
-
-
-# Data paths follow the quickstart's workspace layout (``cm3leon quickstart --out WS``):
-# WS/shards/pretrain and WS/sft_shards/sft hold the tokenized shards, WS/pretrain the pretrained
-# model. Point ``data.val`` at held-out shards to get validation curves.
-
-
-@recipe("smoke")
-def smoke() -> RunConfig:
-    """Seconds on a CPU: the tiny model for a few steps (checks that everything runs)."""
-    return RunConfig(
-        name="smoke",
-        model="tiny",
-        model_overrides={"max_seq_len": 384},
-        train=TrainConfig(
-            steps=24, batch_size=4, lr=2e-3, warmup_steps=2, decay="cosine", log_every=2, eval_every=12,
-            eval_batches=2, ckpt_every=12, unigram_samples=32,
-        ),
-        data=DataConfig(train="shards/pretrain", seq_len=320, options={"n_retrieved": 2}),
-    )
-
-
-def _quickstart_preset() -> Any:
-    from cm3leon.quickstart import PRESETS  # the quickstart's `default` preset is the source of truth
-
-    return PRESETS["default"]
-
-
-def _quickstart_model() -> dict[str, Any]:
-    """The quickstart model: its shape from the `default` preset; 64 tokens per image and 512
-    codes are what the `shapes-32` image tokenizer gives (the quickstart reads them from data)."""
-    return {**_quickstart_preset().model_overrides, "image_tokens": 64, "image_vocab": 512}
-
-
-@recipe("quickstart")
-def quickstart() -> RunConfig:
-    """About 7.5 minutes on 2 CPU cores: the quickstart's pretraining (a 4-layer d=128 model on
-    32 px Shapes, 64 tokens per image, 512 codes, with the place-in-image and row/column
-    embeddings the quickstart uses; not in the paper)."""
-    p = _quickstart_preset()
-    return RunConfig(
-        name="quickstart",
-        model=p.model_preset,
-        model_overrides=_quickstart_model(),
-        train=TrainConfig(
-            steps=p.pretrain_steps, batch_size=p.pretrain_batch, lr=p.pretrain_lr, warmup_steps=p.pretrain_steps // 20,
-            decay="cosine", log_every=max(1, p.pretrain_steps // 50), eval_every=p.pretrain_steps // 2, eval_batches=4,
-            eval_batch_size=16, ckpt_every=p.pretrain_steps // 2,
-        ),
-        data=DataConfig(train="shards/pretrain", seq_len=p.seq_len, options={"n_retrieved": p.n_retrieved}),
-    )
-
-
-@recipe("shapes-64")
-def shapes_64() -> RunConfig:
-    """One GPU, about an hour: 64 px Shapes (256 tokens per image) with 3 retrieved documents."""
-    return RunConfig(
-        name="shapes-64",
-        model="shapes",
-        model_overrides={"d_model": 512, "n_layers": 8, "n_heads": 8, "max_seq_len": 1280},
-        train=TrainConfig(
-            steps=20000, batch_size=64, lr=6e-4, warmup_steps=500, decay="cosine", log_every=50,
-            eval_every=1000, eval_batches=16, ckpt_every=1000, compile=True, num_workers=4,
-        ),
-        data=DataConfig(train="shards/pretrain", seq_len=1280, options={"n_retrieved": 3}),
-    )
-
-
-def _paper(name: str, preset: str, lr: float, tokens: float, *, micro: int) -> RunConfig:
-    return RunConfig(
-        name=name,
-        model=preset,
-        train=TrainConfig(
-            steps=_paper_steps(tokens), batch_size=None, global_batch_tokens=_PAPER_BATCH_TOKENS,
-            micro_batch_size=micro, lr=lr, warmup_steps=1500, decay="linear", min_lr_ratio=0.1,
-            log_every=10, eval_every=2000, eval_batches=32, ckpt_every=1000, keep_last=3,
-            precision="bf16", device="cuda", compile=True, activation_checkpointing=True,
-            dist="fsdp2", num_workers=8,
-        ),
-        data=DataConfig(train="shards/pretrain", val="shards/val", seq_len=4096, options={"n_retrieved": 3}),
-    )
-
-
-@recipe("paper-350m")
-def paper_350m() -> RunConfig:
-    """Paper Table 3: 350M, seq 4096, 8M-token batches, peak LR 6e-4, 1500 warmup, 1.4T tokens."""
-    return _paper("paper-350m", "350m", 6e-4, 1.4e12, micro=8)
-
-
-@recipe("paper-760m")
-def paper_760m() -> RunConfig:
-    """Paper Table 3: 760M, seq 4096, 8M-token batches, peak LR 5e-4, 1500 warmup, 1.9T tokens."""
-    return _paper("paper-760m", "760m", 5e-4, 1.9e12, micro=4)
-
-
-@recipe("paper-7b")
-def paper_7b() -> RunConfig:
-    """Paper Table 3: 7B, seq 4096, 8M-token batches, peak LR 1.2e-4, 1500 warmup, 2.4T tokens."""
-    return _paper("paper-7b", "7b", 1.2e-4, 2.4e12, micro=2)
-
-
-def _sft_quickstart(name: str, steps: int, shares: dict[str, float] | None) -> RunConfig:
-    p = _quickstart_preset()
-    return RunConfig(
-        name=name,
-        model=p.model_preset,
-        model_overrides=_quickstart_model(),
-        init_from="pretrain",
-        train=TrainConfig(
-            steps=steps, batch_size=p.sft_batch, lr=p.sft_lr, warmup_steps=steps // 20, decay="cosine",
-            log_every=max(1, steps // 20), eval_every=steps // 2, eval_batches=4, ckpt_every=steps // 2,
-        ),
-        data=DataConfig(train="sft_shards/sft", kind="sft", seq_len=p.seq_len,
-                        options={"target_infill_prob": p.sft_target_infill_prob, "target_shares": shares,
-                                 "ignore_absent_shares": True}),
-    )
-
-
-@recipe("sft-quickstart")
-def sft_quickstart() -> RunConfig:
-    """SFT of the quickstart model on the Shapes task mixture (about 3.5 minutes on 2 CPU cores)."""
-    p = _quickstart_preset()
-    return _sft_quickstart("sft-quickstart", p.sft_steps, p.sft_shares)
-
-
-@recipe("sft-quickstart-copy")
-def sft_quickstart_copy() -> RunConfig:
-    """3840 SFT steps of the quickstart model with the shares shifted to editing, control and
-    grounding (``SHAPES_SFT_SHARES_COPY``; about 14-20 minutes on 2 CPU cores). It trains on the
-    workspace's sft_shards/sft; docs/sft.md's runs built them from all 16000 records
-    (``cm3leon quickstart --sft-records 16000``)."""
-    from cm3leon.quickstart import SHAPES_SFT_SHARES_COPY
-
-    return _sft_quickstart("sft-quickstart-copy", 3840, dict(SHAPES_SFT_SHARES_COPY))
-
-
-@recipe("sft-paper-7b")
-def sft_paper_7b() -> RunConfig:
-    """Paper Table 4: SFT of 7B, seq 4096, 2M-token batches, LR 5e-5, 150 warmup, 30B tokens."""
-    batch_tokens = 2 * 2**20
-    return RunConfig(
-        name="sft-paper-7b",
-        model="7b",
-        init_from="pretrain",
-        train=TrainConfig(
-            steps=int(math.ceil(30e9 / batch_tokens)), batch_size=None, global_batch_tokens=batch_tokens,
-            micro_batch_size=2, lr=5e-5, warmup_steps=150, decay="linear", log_every=10,
-            eval_every=1000, eval_batches=32, ckpt_every=1000, precision="bf16", device="cuda",
-            compile=True, activation_checkpointing=True, dist="fsdp2", num_workers=8,
-        ),
-        data=DataConfig(train="shards/sft", val="shards/sft-val", kind="sft", seq_len=4096),
-    )

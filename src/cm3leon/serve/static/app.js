@@ -77,6 +77,18 @@ fetch("/v1/info").then((r) => r.json()).then((info) => {
     `${info.model} · ${info.size} images · retrieval ${info.retrieval ? "on" : "off"} · re-ranking ${info.rerank ? "on" : "off"}`;
   if (!info.retrieval) { $("#retrieve").disabled = true; $("#retrieve").title = "this model has no retrieval memory"; }
   if (!info.rerank) { $("#rerank").disabled = true; $("#rerank").title = "this model has no retrieval encoder"; }
+  // Decoding fields start at the model's generation_config.json.
+  const t2i = info.defaults.text_to_image, edit = info.defaults.edit;
+  $("#guidance").value = t2i.guidance;
+  $("#temperature").value = t2i.temperature;
+  $("#top_p").value = t2i.top_p;
+  if (info.retrieval) $("#retrieve").value = String(t2i.retrieve);
+  if (info.rerank) $("#rerank").checked = t2i.rerank;
+  const editForm = $("#edit-form");
+  for (const name of ["image_guidance", "text_guidance", "temperature", "top_p"]) {
+    const input = editForm.querySelector(`[name=${name}]`);
+    if (input) input.value = edit[name];
+  }
 }).catch(() => { $("#model-info").textContent = "model info unavailable"; });
 
 // ---- generate (streamed) ------------------------------------------------------------------
