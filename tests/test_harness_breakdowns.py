@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from cm3leon.eval.harness import EvalConfig, eval_control, eval_edit
+from cm3leon.generate.generation_config import PAPER_DEFAULTS
 from cm3leon.shapes.dataset import make_example
 from cm3leon.shapes.world import ShapesConfig
 
@@ -17,6 +18,8 @@ CFG = ShapesConfig(size=32, snap=4, max_objects=2, caption_order="reading")
 class RightForSomeGroups:
     """Edits: the true edited image for recolor instructions, the unchanged source otherwise.
     Controls: the true image for one-object scenes, a blank canvas otherwise."""
+
+    generation_config = PAPER_DEFAULTS
 
     def __init__(self, records: list[Any]) -> None:
         self.by_instruction = {r.meta["edit"]["instruction"]: r for r in records}
