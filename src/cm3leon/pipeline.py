@@ -13,7 +13,7 @@ A model directory (like a Hugging Face one) holds everything inference needs::
       generation_config.json                       optional: decoding defaults per task (generate/generation_config.py)
 
 ``CM3Leon.from_pretrained(dir)`` loads it; every task prompt comes from the SFT template
-table (``sequence/sft.py``), so inference prompts are exactly the training sequences with
+table (``sequence/sft_templates.py``), so inference prompts are exactly the training sequences with
 their answers masked (paper Table 5).
 """
 
