@@ -140,11 +140,8 @@ def test_eval_cli_on_the_quickstart_model(run, tmp_path, capsys):
 
 
 def test_presets_and_errors():
-    from cm3leon.vocab import Vocab
-
     assert {"smoke", "default", "gpu"} <= set(PRESETS)
-    v = Vocab(text_size=512, image_size=512, image_seq_len=64)
-    run = get_preset("default").pretrain_run(v, Path("/ws"), "cpu")
+    run = get_preset("default").pretrain_run(Path("/ws"), "cpu")
     assert run.model_overrides["image_tokens"] == 64 and run.model_overrides["image_axial"]
     assert run.data.train == str(Path("/ws/shards/pretrain").resolve())
     with pytest.raises(ValueError, match="unknown quickstart preset"):
@@ -153,8 +150,8 @@ def test_presets_and_errors():
 
 def test_the_quickstart_trains_with_its_recipes_plus_overrides(run):
     """What the quickstart's training stages ran is ``get_recipe(name)`` with only the
-    workspace paths, the image-place sizes of its image tokenizer, the seed and the device
-    changed: `cm3leon train --recipe smoke` is the smoke preset's pretraining."""
+    workspace paths, the seed and the device changed: `cm3leon train --recipe smoke` is the
+    smoke preset's pretraining; the image-place embedding takes its sizes from the data."""
     from cm3leon.train.config import RunConfig
     from cm3leon.train.recipes import get_recipe
 
@@ -167,11 +164,11 @@ def test_the_quickstart_trains_with_its_recipes_plus_overrides(run):
         assert ran.train == dataclasses.replace(want.train, seed=0, device="cpu"), stage
         assert ran.model == want.model and ran.data.options == want.data.options, stage
         assert ran.data.seq_len == want.data.seq_len and ran.data.kind == want.data.kind, stage
-        assert ran.model_overrides == {**want.model_overrides, "image_tokens": vocab["image_seq_len"],
-                                       "image_vocab": vocab["image_size"]}, stage
-        # and the trained model has exactly the recipe's shape
+        assert ran.model_overrides == want.model_overrides, stage
+        # and the trained model has exactly the recipe's shape, its image places the data's
         cfg = json.loads((out / stage / "config.json").read_text())
-        for k, v in ran.model_overrides.items():
+        sized = {**want.model_overrides, "image_tokens": vocab["image_seq_len"], "image_vocab": vocab["image_size"]}
+        for k, v in sized.items():
             assert cfg[k] == v, (stage, k)
     assert report["pretrain"]["steps"] == get_recipe("smoke").train.steps
     assert report["sft"]["steps"] == get_recipe("sft-smoke").train.steps
@@ -276,10 +273,8 @@ def test_cli_seed_reaches_the_preset(monkeypatch, tmp_path):
 
 def test_sft_steps_and_mix_reach_the_sft_run():
     from cm3leon.train.recipes import SHAPES_SFT_SHARES_COPY, get_recipe
-    from cm3leon.vocab import Vocab
 
-    v = Vocab(text_size=512, image_size=512, image_seq_len=64)
-    run = get_preset("default", sft_steps=3840, sft_mix="copy").sft_run(v, Path("/ws"), "cpu")
+    run = get_preset("default", sft_steps=3840, sft_mix="copy").sft_run(Path("/ws"), "cpu")
     assert run.train == dataclasses.replace(get_recipe("sft-quickstart", steps=3840).train, device="cpu")
     assert run.train.warmup_steps == 192 and run.train.ckpt_every == 1920  # the schedule follows the steps
     assert run.data.options["target_shares"] == SHAPES_SFT_SHARES_COPY

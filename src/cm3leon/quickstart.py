@@ -103,29 +103,24 @@ class QuickstartPreset:
             if getattr(self, name) not in RECIPES:
                 raise ValueError(f"QuickstartPreset.{name}: unknown recipe {getattr(self, name)!r}")
 
-    def pretrain_run(self, vocab: Any, workspace: Path, device: str) -> RunConfig:
-        """The pretraining run: recipe ``pretrain`` plus the workspace, the image-place sizes
-        of ``vocab``, the seed and the device."""
-        return _recipe_run(self.pretrain, None, vocab, workspace, self._run_overrides(device))
+    def pretrain_run(self, workspace: Path, device: str) -> RunConfig:
+        """The pretraining run: recipe ``pretrain`` plus the workspace, the seed and the device."""
+        return _recipe_run(self.pretrain, None, workspace, self._run_overrides(device))
 
-    def sft_run(self, vocab: Any, workspace: Path, device: str) -> RunConfig:
+    def sft_run(self, workspace: Path, device: str) -> RunConfig:
         """The SFT run: recipe ``sft`` (for ``sft_steps``, with ``sft_mix``'s shares) plus the
         same overrides as :meth:`pretrain_run`."""
         over = self._run_overrides(device)
         if self.sft_mix is not None:
             over.append("data.options.target_shares=" + json.dumps(SFT_MIXES[self.sft_mix]))
-        return _recipe_run(self.sft, self.sft_steps, vocab, workspace, over)
+        return _recipe_run(self.sft, self.sft_steps, workspace, over)
 
     def _run_overrides(self, device: str) -> list[str]:
         return [f"train.seed={self.seed}", f"train.device={device}"]
 
 
-def _recipe_run(name: str, steps: int | None, vocab: Any, workspace: Path, overrides: list[str]) -> RunConfig:
-    run = get_recipe(name, steps=steps)
-    if run.model_overrides.get("image_tokens"):  # the image-place embedding follows the image tokenizer
-        overrides = [*overrides, f"model_overrides.image_tokens={vocab.image_seq_len}",
-                     f"model_overrides.image_vocab={vocab.image_size}"]
-    return run.with_overrides(overrides).resolve_paths(workspace)
+def _recipe_run(name: str, steps: int | None, workspace: Path, overrides: list[str]) -> RunConfig:
+    return get_recipe(name, steps=steps).with_overrides(overrides).resolve_paths(workspace)
 
 
 # Decoding settings measured best on the quickstart's models (docs/results.md), written into
@@ -134,9 +129,11 @@ def _recipe_run(name: str, steps: int | None, vocab: Any, workspace: Path, overr
 # background code a 0.9 cut removes the rare "an object starts here" codes; CD-K (ablations)
 # needs k = 1 for the same reason. Editing: the paper's 1.5 / 7.5 turn edits into noise on
 # these small models, 1.25 / 1.25 is best.
-_SHAPES_SAMPLING = SamplingConfig(temperature=0.5, top_p=1.0, guidance=1.5, cd_k=1, cd_alpha=0.3)
+_SHAPES_SAMPLING = SamplingConfig(temperature=0.5, top_p=1.0, guidance=1.5)
 SHAPES_GENERATION = GenerationConfig(
-    text_to_image=TaskDecoding(_SHAPES_SAMPLING, samples=16, mode="top_p", rerank=True, retrieve=0),
+    # cd_k / cd_alpha are CD-K's settings for the cd_k and mix sample sets (mode top_p ignores them)
+    text_to_image=TaskDecoding(dataclasses.replace(_SHAPES_SAMPLING, cd_k=1, cd_alpha=0.3), samples=16,
+                               mode="top_p", rerank=True, retrieve=0),
     edit=TaskDecoding(SamplingConfig(temperature=0.5, top_p=1.0, image_guidance=1.25, text_guidance=1.25)),
     control=TaskDecoding(_SHAPES_SAMPLING),
     grounding=TaskDecoding(_SHAPES_SAMPLING),
@@ -597,10 +594,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
     shards = st.run("shards", _stage_shards(p, data, text, image, enc, index),
                     inputs={"pretrain_detailed_prob": PRETRAIN_DETAILED_PROB},
                     after=("text_tokenizer", "image_tokenizer", "index"))
-    from cm3leon.data.shards import Shards
-
-    vocab = Shards(shards["pretrain"]).vocab
-    pre_run = p.pretrain_run(vocab, out, device)
+    pre_run = p.pretrain_run(out, device)
     pre = st.run("pretrain", _stage_train("pretraining", pre_run, None), inputs={"run": _run_key(pre_run)},
                  after=("shards",), complete=lambda r: r.get("steps") == pre_run.train.steps)
     reranker = None
@@ -617,7 +611,7 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
                     ("eval",), after=("model_pretrained",))
     st.run("sft_shards", _stage_sft_shards(p, data, text, image), ("sft_records",),
                         after=("text_tokenizer", "image_tokenizer"))
-    sft_run = p.sft_run(vocab, out, device)
+    sft_run = p.sft_run(out, device)
     sft = st.run("sft", _stage_train("SFT", sft_run, pre["dir"]), inputs={"run": _run_key(sft_run)},
                  after=("pretrain", "sft_shards"), complete=lambda r: r.get("steps") == sft_run.train.steps)
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft, reranker),

@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "gpu"],
-                   help="smoke: ~2 min on 2 CPU cores; default: ~20 min on 2 CPU cores; gpu: one GPU")
+                   help="smoke: ~2 min on 2 CPU cores; default: ~15 min on 2 CPU cores; gpu: one GPU")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of pretraining and SFT (default 0); other seeds redo those stages and the evaluations, "

@@ -2,8 +2,8 @@
 
 A recipe is a function of an optional step budget that returns a complete
 :class:`RunConfig`; ``cm3leon train|sft --recipe NAME`` and the quickstart call the same
-functions (the quickstart adds only workspace paths, the image-place sizes its image
-tokenizer gives, the seed and the device). Each ``recipes/NAME.json`` file is the
+functions (the quickstart adds only workspace paths, the seed and the device). A recipe
+whose model has the image-place embedding gets its sizes from the data's image tokenizer. Each ``recipes/NAME.json`` file is the
 recipe's default config, written by ``cm3leon train --recipe NAME --print-config``.
 
 Data paths follow the quickstart's workspace layout (``cm3leon quickstart --out WS``):
@@ -184,7 +184,8 @@ def sft_quickstart_gpu(steps: int | None = None) -> RunConfig:
 
 @recipe("shapes-64")
 def shapes_64(steps: int | None = None) -> RunConfig:
-    """One GPU, about an hour: 64 px Shapes (256 tokens per image) with 3 retrieved documents."""
+    """One GPU, about an hour: 64 px Shapes with 3 retrieved documents (seq 1280 fits 256-token
+    images; the ``shapes-64`` image tokenizer preset gives 64)."""
     return RunConfig(
         name="shapes-64",
         model="shapes",

@@ -46,12 +46,16 @@ def build_datasets(run: RunConfig) -> tuple[Any, Any, Vocab]:
 
 
 def model_config(run: RunConfig, vocab: Vocab, base: Path | None = None) -> ModelConfig:
-    """The decoder's config: the recipe's preset and overrides sized to ``vocab``, or the
+    """The decoder's config: the recipe's preset and overrides sized to ``vocab`` (the vocabulary
+    size, and the image-place embedding's places and codes when the recipe uses one), or the
     shape of the ``base`` model a fine-tuning run starts from (checked against ``vocab``)."""
     from cm3leon.model.io import load_config
 
     if base is None:
-        return ModelConfig.from_name(run.model, vocab_size=vocab.size, **run.model_overrides)
+        over = dict(run.model_overrides)
+        if over.get("image_tokens"):  # the image-place embedding follows the data's image tokenizer
+            over.update(image_tokens=vocab.image_seq_len, image_vocab=vocab.image_size)
+        return ModelConfig.from_name(run.model, vocab_size=vocab.size, **over)
     cfg = load_config(base)
     if (base / "vocab.json").exists():
         base_vocab = from_json_dict(Vocab, load_json(base / "vocab.json"))
