@@ -10,7 +10,11 @@ sampling (CFG scale 3, top-p 0.9, image-only modality mask) for the three decode
 - ``hf``: ``OPTForCausalLM.generate()`` on the exported weights (``model/hf.py``) with its
   own CFG (``guidance_scale`` + ``negative_prompt_ids``, i.e.
   ``UnbatchedClassifierFreeGuidanceLogitsProcessor``, which runs the unconditional batch
-  as a second cached forward), ``top_p=0.9, top_k=0`` and an image-only logits processor.
+  as a second cached forward), ``top_p=0.9, top_k=0`` and an image-only logits processor;
+- ``fused``: ours with every eager 1-token step run by a hand-fused function (plain
+  functional calls on the weights, no module calls, no q/k/v head transposes) instead of
+  ``Transformer.forward_cached``: ``speedup_vs_fused`` (fused time / ours) says what
+  keeping such a second decode path in the model would buy.
 
 HF runs its default (and best) attention here, SDPA (``hf_attn_implementation`` in the output).
 
@@ -19,7 +23,8 @@ image tokens/s and speed-up ratios, plus a greedy agreement check (fraction of i
 tokens, ours vs each baseline: 1.0 means the three decoders do the same computation).
 
 CPU default: ``shapes``-shaped model, L=64, 8 prompts, 1 torch thread (~1.5 min on a
-busy 2-core machine); ``--preset tiny`` for the overhead-bound regime.
+busy 2-core machine); ``--preset tiny`` for the overhead-bound regime, ``--shape 128,4,4
+--baselines fused`` for the quickstart model's fused-step check.
 GPU: ``--device cuda --preset 350m`` decodes 1024-token images for 16 prompts with CFG in
 bf16 and also reports the memory-bandwidth bound (weight bytes / HBM bandwidth x steps;
 ``--hbm-tbps``, default 3.35 for H100 SXM) and our time's ratio to it.
@@ -32,9 +37,11 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from cm3leon.config import ModelConfig
 from cm3leon.generate.decode import generate_image_tokens
@@ -106,6 +113,39 @@ def make_hf_generate(model: Transformer, vocab: Vocab) -> Callable[..., torch.Te
     return run
 
 
+@contextmanager
+def fused_decode_steps(model: Transformer) -> Iterator[None]:
+    """Inside the block, eager 1-token ``model.forward_cached`` calls run a hand-fused step
+    (the same ops in the same order on the weights directly); other calls are unchanged."""
+    general = model.forward_cached
+    C, nh, hd = model.cfg.d_model, model.cfg.n_heads, model.cfg.head_dim
+    act = F.relu if model.cfg.activation == "relu" else F.gelu
+
+    def step(ids, positions, *, kv, slots, attn_mask, last_only=False, head_window=None, image_idx=None):
+        if ids.shape[1] != 1 or not isinstance(slots, int):
+            return general(ids, positions, kv=kv, slots=slots, attn_mask=attn_mask, last_only=last_only,
+                           head_window=head_window, image_idx=image_idx)
+        B = ids.shape[0]
+        x = model.embed(ids, positions, image_idx).view(B, C)  # (B, C)
+        for block, (k_buf, v_buf) in zip(model.blocks, kv):
+            qkv = F.linear(F.layer_norm(x, (C,)), block.attn.qkv.weight).view(B, 3, nh, hd)
+            k_buf[:, :, slots].copy_(qkv[:, 1])  # (B, nh, hd) into the slot
+            v_buf[:, :, slots].copy_(qkv[:, 2])
+            q = qkv[:, 0].unsqueeze(2).to(k_buf.dtype)  # (B, nh, 1, hd)
+            y = F.scaled_dot_product_attention(q, k_buf[:, :, : slots + 1], v_buf[:, :, : slots + 1],
+                                               attn_mask=attn_mask)
+            x = x + F.linear(y.to(x.dtype).reshape(B, C), block.attn.out.weight)  # (B, nh, 1, hd) -> (B, C)
+            x = x + F.linear(act(F.linear(F.layer_norm(x, (C,)), block.mlp.fc1.weight)), block.mlp.fc2.weight)
+        w = model.lm_head.weight if head_window is None else model.lm_head.weight[head_window[0] : head_window[1]]
+        return F.linear(F.layer_norm(x, (C,)), w)[:, None]  # (B, 1, V or hi - lo)
+
+    model.forward_cached = step  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del model.forward_cached
+
+
 def _time(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -125,7 +165,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per batch (cpu 8, cuda 16)")
     ap.add_argument("--image-tokens", type=int, default=None, help="L (cpu 64, cuda 1024)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--baselines", default=None, help="comma list of naive,hf (cpu: both; cuda: hf)")
+    ap.add_argument("--baselines", default=None, help="comma list of naive,hf,fused (cpu: all; cuda: hf,fused)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: stable timings on a shared, oversubscribed CPU)")
@@ -138,7 +178,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     n_prompts = args.prompts or (16 if gpu else 8)
     L = args.image_tokens or (1024 if gpu else 64)
-    baselines = (args.baselines or ("hf" if gpu else "naive,hf")).split(",")
+    baselines = (args.baselines or ("hf,fused" if gpu else "naive,hf,fused")).split(",")
     baselines = [b for b in baselines if b]
     vocab = Vocab.paper() if args.preset in ("350m", "760m", "7b") else Vocab(1000, 512, L)
     vocab = Vocab(vocab.text_size, vocab.image_size, L)
@@ -169,6 +209,12 @@ def main() -> None:
     }
     if "naive" in baselines:
         runs["naive"] = lambda c: naive_generate(model, vocab, cond, unc, c)
+    if "fused" in baselines:
+        def fused(c: SamplingConfig) -> torch.Tensor:
+            with fused_decode_steps(model):
+                return generate_image_tokens(model, vocab, cond, c, uncond_prompts=unc, compile=args.compile)
+
+        runs["fused"] = fused
     if "hf" in baselines:
         hf_run = make_hf_generate(model, vocab)
         runs["hf"] = lambda c: hf_run(cond, unc, c)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -58,28 +56,6 @@ def test_cached_decoding_equals_full_forward_per_row(activation):
         full = model(torch.cat([p, cont[i]])[None])[0]  # the row alone, no padding
         want = full[len(p) - 1 :]  # logits after the prompt, then after each continuation token
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-@torch.no_grad()
-def test_forward_decode_is_forward_cached_for_one_token(activation):
-    """The eager decoding hot path computes what the general cached forward computes."""
-    model = randomized(activation=activation)
-    torch.manual_seed(2)
-    ids, valid = left_pad([torch.randint(4, V, (n,)) for n in (5, 3, 8)])
-    for window in (None, (10, 60)):
-        caches = [KVCache.allocate(model.cfg, 3, 12) for _ in range(2)]
-        for c in caches:
-            prefill(model, ids, valid, c)
-        tok, slot = torch.randint(4, V, (3, 1)), ids.shape[1]
-        mask = torch.zeros(3, 1, 1, slot + 1)
-        mask[:, :, :, :slot] = torch.where(valid, 0.0, float("-inf"))[:, None, None, :]
-        pos = caches[0].pos[:, None]
-        a = model.forward_decode(tok, pos, kv=caches[0].layers(), slot=slot, attn_mask=mask, head_window=window)
-        b = model.forward_cached(tok, pos, kv=caches[1].layers(), slots=slot, attn_mask=mask, head_window=window)[:, -1]
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-        torch.testing.assert_close(caches[0].k, caches[1].k, atol=0, rtol=0)  # the same K/V written
-        torch.testing.assert_close(caches[0].v, caches[1].v, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -148,7 +124,7 @@ def test_model_is_not_mutated_and_cache_is_a_separate_module():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not list(model.buffers())
-    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot", "image_idx", "places"}
+    assert {n for n, _ in cache.named_buffers()} == {"k", "v", "valid", "pos", "slot", "image_idx"}
     assert cache.k.shape == (3, 2, 4, 10, 8)
 
 
@@ -217,18 +193,13 @@ def test_image_index_hand_example():
     assert image_index(ids, 60, 3).tolist() == [[-1, -1, 0, 1, 2, 0, -1, 0, 1, -1]]
 
 
-@pytest.mark.parametrize("static,axial,rope,pairs,copy", [(False, False, 0, False, False), (False, True, 0, False, False),
-                                                          (True, False, 0, False, False), (True, True, 0, False, False),
-                                                          (False, True, 4, False, False), (True, False, 6, False, False),
-                                                          (False, False, 4, True, False), (True, True, 8, True, False),
-                                                          (False, True, 0, False, True), (True, False, 4, False, True)])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("axial", [False, True])
 @torch.no_grad()
-def test_image_position_embedding_cached_equals_full_forward(static, axial, rope, pairs, copy):
-    """The cache tracks each row's place in its image (and every key's, for the copy bias)
-    across prefill and decode steps."""
+def test_image_position_embedding_cached_equals_full_forward(static, axial):
+    """The cache tracks each row's place in its image across prefill and decode steps."""
     cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
-                      image_vocab=10, image_axial=axial, image_rope_dims=rope, image_rope_pairs_only=pairs,
-                      image_copy_bias=copy)
+                      image_vocab=10, image_axial=axial)
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     for p in m.parameters():
@@ -275,66 +246,6 @@ def test_forward_takes_explicit_image_places():
     torch.testing.assert_close(plain(ids, image_idx=true), plain(ids))  # ignored without the embedding
 
 
-@torch.no_grad()
-def test_image_rotary_scores_depend_on_place_difference_only():
-    """q.k of two image tokens depends on their place difference; other tokens are not rotated."""
-    from cm3leon.model.transformer import apply_rotary, image_rotary
-
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 8, generator=g), torch.randn(1, 1, 8, generator=g)  # (B, T, hd)
-
-    def score(a: int, b: int) -> float:
-        rope_a, rope_b = image_rotary(torch.tensor([[a]]), 6, 16.0), image_rotary(torch.tensor([[b]]), 6, 16.0)
-        return float((apply_rotary(q, rope_a) * apply_rotary(k, rope_b)).sum())
-
-    assert score(0, 3) == pytest.approx(score(5, 8), abs=1e-5) == pytest.approx(score(9, 12), abs=1e-5)
-    assert score(0, 3) != pytest.approx(score(0, 4), abs=1e-3)
-    torch.testing.assert_close(apply_rotary(q, image_rotary(torch.tensor([[-1]]), 6, 16.0)), q)  # not an image token
-    torch.testing.assert_close(apply_rotary(q, image_rotary(torch.tensor([[3]]), 6, 16.0))[..., 6:], q[..., 6:])
-
-
-@torch.no_grad()
-def test_image_rotary_pairs_only_zeroes_text_tokens_rope_dims():
-    """pairs_only: image tokens rotate as before; text tokens' first ``dims`` dims are zeroed, so
-    their scores with any token ignore those dims while the other dims pass unchanged."""
-    from cm3leon.model.transformer import apply_rotary, image_rotary
-
-    x = torch.randn(1, 3, 2, 8, generator=torch.Generator().manual_seed(1))  # (B, T, heads, hd)
-    places = torch.tensor([[-1, 2, 5]])
-    pairs = apply_rotary(x, image_rotary(places, 6, 16.0, pairs_only=True))
-    plain = apply_rotary(x, image_rotary(places, 6, 16.0))
-    torch.testing.assert_close(pairs[:, 1:], plain[:, 1:])  # image tokens: the same rotation
-    assert pairs[:, 0, :, :6].abs().max() == 0  # text token: rope dims zeroed
-    torch.testing.assert_close(pairs[:, 0, :, 6:], x[:, 0, :, 6:])  # ... and only those
-    # a text query's score with an image key no longer depends on the key's place
-    q_text = pairs[:, 0]
-    k_a = apply_rotary(x[:, 1:2], image_rotary(torch.tensor([[2]]), 6, 16.0, pairs_only=True))[:, 0]
-    k_b = apply_rotary(x[:, 1:2], image_rotary(torch.tensor([[7]]), 6, 16.0, pairs_only=True))[:, 0]
-    torch.testing.assert_close((q_text * k_a).sum(-1), (q_text * k_b).sum(-1))
-
-
-def test_image_rotary_model_trains_with_checkpointing():
-    """The rotation reaches every block, with and without activation checkpointing."""
-    cfg = ModelConfig(vocab_size=70, d_model=32, n_layers=2, n_heads=4, max_seq_len=40, image_tokens=4,
-                      image_vocab=10, image_rope_dims=8)
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(std=0.1)
-    ids = torch.tensor([[1, 5, 2, 60, 61, 62, 63, 2, 64, 65, 66, 67]])
-    m.train()
-    plain = m(ids)
-    m.gradient_checkpointing = True
-    ckpt = m(ids)
-    torch.testing.assert_close(ckpt, plain)
-    ckpt.sum().backward()
-    assert all(p.grad is not None for p in m.blocks.parameters())
-    off = Transformer(dataclasses.replace(cfg, image_rope_dims=0))
-    off.load_state_dict(m.state_dict())
-    assert not torch.allclose(off(ids), plain)  # the rotation changes image tokens' attention
-
-
 def test_image_position_embedding_config_and_export_errors():
     with pytest.raises(ValueError, match="both"):
         ModelConfig(vocab_size=70, image_tokens=4)
@@ -342,13 +253,6 @@ def test_image_position_embedding_config_and_export_errors():
         ModelConfig(vocab_size=70, image_tokens=6, image_vocab=10, image_axial=True)
     with pytest.raises(ValueError, match="square"):
         ModelConfig(vocab_size=70, image_axial=True)
-    for bad in (3, 10):  # odd; larger than head_dim 8
-        with pytest.raises(ValueError, match="image_rope_dims"):
-            ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_tokens=4, image_vocab=10, image_rope_dims=bad)
-    with pytest.raises(ValueError, match="image_rope_dims"):
-        ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_rope_dims=4)  # no image_tokens
-    with pytest.raises(ValueError, match="image_rope_pairs_only needs image_rope_dims"):
-        ModelConfig(vocab_size=70, d_model=32, n_heads=4, image_tokens=4, image_vocab=10, image_rope_pairs_only=True)
     from cm3leon.model.hf import to_opt_config
 
     with pytest.raises(ValueError, match="OPT"):

@@ -225,3 +225,18 @@ def test_load_refuses_hf_directory_and_unknown_fields(tmp_path):
     save_json({**cfg, "n_kv_heads": 2}, d / "config.json")
     with pytest.raises(ValueError, match="unknown fields"):
         load_model(d)
+
+
+def test_load_config_naming_options_the_decoder_lacks(tmp_path):
+    """image_rope_dims / image_rope_pairs_only / image_copy_bias load when off, are refused when on."""
+    d = tmp_path / "m"
+    model = randomized(tiny_cfg())
+    save_model(model, d)
+    cfg = load_json(d / "config.json")
+    off = {"image_rope_dims": 0, "image_rope_pairs_only": False, "image_copy_bias": False}
+    save_json({**cfg, **off}, d / "config.json")
+    assert load_model(d).cfg == model.cfg
+    for key, on in (("image_rope_dims", 16), ("image_rope_pairs_only", True), ("image_copy_bias", True)):
+        save_json({**cfg, **off, key: on}, d / "config.json")
+        with pytest.raises(ValueError, match=f"{key}.*options this decoder does not have"):
+            load_model(d)

@@ -110,11 +110,25 @@ def test_checkpoint_from_before_a_config_field_existed_resumes(tmp_path):
     default, so the same model resumes (and a run that sets the field is still refused)."""
     _run(tmp_path)
     got = ck.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002")
-    del got.state["model_config"]["image_copy_bias"]
+    del got.state["model_config"]["image_axial"]
     model = Transformer(tiny_model_config())
     ck.check_model_compat(got, to_json_dict(model.cfg), model.state_dict())
-    with pytest.raises(ValueError, match="rope_dims: checkpoint 0 vs run 4"):
-        ck.check_model_compat(got, {**to_json_dict(model.cfg), "image_rope_dims": 4}, model.state_dict())
+    with pytest.raises(ValueError, match="image_axial: checkpoint False vs run True"):
+        ck.check_model_compat(got, {**to_json_dict(model.cfg), "image_axial": True}, model.state_dict())
+
+
+def test_checkpoint_naming_options_the_decoder_lacks(tmp_path):
+    """A checkpoint's model_config may name image_rope_dims / image_rope_pairs_only /
+    image_copy_bias: it resumes when they are off and is refused when one is on."""
+    _run(tmp_path)
+    got = ck.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002")
+    model = Transformer(tiny_model_config())
+    off = {"image_rope_dims": 0, "image_rope_pairs_only": False, "image_copy_bias": False}
+    got.state["model_config"].update(off)
+    ck.check_model_compat(got, to_json_dict(model.cfg), model.state_dict())
+    got.state["model_config"]["image_rope_dims"] = 4
+    with pytest.raises(ValueError, match="image_rope_dims.*options this decoder does not have"):
+        ck.check_model_compat(got, to_json_dict(model.cfg), model.state_dict())
 
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path):

@@ -48,24 +48,6 @@ class ModelConfig:
     # row/column vector is trained by every token of that row/column, so "on the left" is
     # one thing to learn instead of one per place.
     image_axial: bool = False
-    # NOT in the paper (0 = off): rotate the first image_rope_dims dims of every head's queries
-    # and keys of image tokens by the token's place in its image (rotary embedding over the
-    # flat place 0..image_tokens-1, base image_tokens; other tokens are not rotated). The
-    # score of two image tokens then depends on their place difference, so "look at the same
-    # place in the other image" (editing, edge/seg/depth-to-image, retrieved neighbours) is
-    # one fixed rotation to learn instead of one query/key match per place.
-    image_rope_dims: int = 0
-    # With image_rope_dims: zero those dims of text tokens' queries and keys, so only
-    # image-to-image scores use them (relative place only) while image-to-text and text-to-text
-    # scores ignore them; without this, a rotated image query meets unrotated text keys and
-    # its text attention shifts with its place.
-    image_rope_pairs_only: bool = False
-    # NOT in the paper (off by default): a learned per-head, per-layer attention bias (zero at
-    # init) from an image token's query to every earlier image token at the place its next
-    # token takes (place + 1, in another image: the input of an edit, an edge / seg / depth
-    # map, a retrieved neighbour). Copying an image place by place is then one scalar per
-    # head to learn instead of a query/key match per place, and text attention is untouched.
-    image_copy_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -78,14 +60,6 @@ class ModelConfig:
         if self.image_axial and (not self.image_tokens or math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
             raise ValueError(f"image_axial needs image_tokens to be a square number (a square image grid), "
                              f"got image_tokens={self.image_tokens}")
-        if self.image_rope_dims and (not self.image_tokens or self.image_rope_dims % 2 or self.image_rope_dims < 0
-                                     or self.image_rope_dims > self.d_model // self.n_heads):
-            raise ValueError(f"image_rope_dims must be 0 (off) or an even number <= head_dim="
-                             f"{self.d_model // self.n_heads} with image_tokens > 0, got {self.image_rope_dims}")
-        if self.image_rope_pairs_only and not self.image_rope_dims:
-            raise ValueError("image_rope_pairs_only needs image_rope_dims > 0 (the dims it reserves for image pairs)")
-        if self.image_copy_bias and not self.image_tokens:
-            raise ValueError("image_copy_bias needs image_tokens > 0 (it matches image tokens by their place)")
         if self.image_vocab >= self.vocab_size:
             raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
@@ -98,6 +72,21 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The config of a JSON dict (a model's ``config.json``, a checkpoint's ``model_config``).
+
+        Fields it does not name take their defaults. The keys ``image_rope_dims``,
+        ``image_rope_pairs_only`` and ``image_copy_bias`` name options this decoder does not
+        have: they are dropped when off (0 / false) and refused otherwise.
+        """
+        absent = {"image_rope_dims": 0, "image_rope_pairs_only": False, "image_copy_bias": False}
+        on = {k: d[k] for k, off in absent.items() if d.get(k, off) != off}
+        if on:
+            raise ValueError(f"ModelConfig: {on} turn on options this decoder does not have (it reads "
+                             "them only when 0 / false); the model was built by another version of cm3leon")
+        return from_json_dict(cls, {k: v for k, v in d.items() if k not in absent})
 
     @classmethod
     def from_name(cls, name: str, *, vocab_size: int, **overrides: Any) -> ModelConfig:

@@ -12,11 +12,11 @@ row alone. Two ways to attend, same results:
   never change and ``torch.compile(decode_one_token, fullgraph=True)`` compiles once
   (CUDA graphs need this too).
 
-The cache owns all decoding state (buffers, key mask, per-row positions, next slot);
-the model is never mutated. Both paths keep the device-side state (``valid``, ``pos``,
-``slot``) up to date; only eager calls advance the host-side slot count, so a cache
-stepped by a compiled :func:`decode_one_token` must be allocated with ``static=True``
-if eager steps follow.
+The cache owns all decoding state (buffers, key mask, per-row positions and places in
+images, next slot); the model is never mutated. Both paths keep the device-side state
+(``valid``, ``pos``, ``slot``, ``image_idx``) up to date; only eager calls advance the
+host-side slot count, so a cache stepped by a compiled :func:`decode_one_token` must be
+allocated with ``static=True`` if eager steps follow.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class KVCache(nn.Module):
 
     Buffers (registered, so ``cache.to(device)`` moves them):
     ``k``, ``v`` Float[L, B, nh, S, hd]; ``valid`` Bool[B, S] (keys that may be attended);
-    ``pos`` Long[B] (each row's next position); ``slot`` Long[1] (next slot to write).
+    ``pos`` Long[B] (each row's next position); ``slot`` Long[1] (next slot to write);
+    ``image_idx`` Long[B] (place in its image of each row's last token, -1 outside images;
+    for models with ``image_tokens``).
     """
 
     k: Tensor
@@ -47,6 +49,7 @@ class KVCache(nn.Module):
     valid: Tensor
     pos: Tensor
     slot: Tensor
+    image_idx: Tensor
 
     def __init__(
         self,
@@ -67,13 +70,7 @@ class KVCache(nn.Module):
         self.register_buffer("valid", torch.zeros(batch, max_len, device=device, dtype=torch.bool), persistent=False)
         self.register_buffer("pos", torch.zeros(batch, device=device, dtype=torch.long), persistent=False)
         self.register_buffer("slot", torch.zeros(1, device=device, dtype=torch.long), persistent=False)
-        # Place in its image of each row's last token (-1: not an image token), for models
-        # with an image position embedding.
         self.register_buffer("image_idx", torch.full((batch,), -1, device=device, dtype=torch.long), persistent=False)
-        # Place in its image of every cached token (-1: not an image token), for models with
-        # an image copy bias (their attention scores depend on the keys' places).
-        self.register_buffer("places", torch.full((batch, max_len), -1, device=device, dtype=torch.long),
-                             persistent=False)
         self.batch = batch
         self.max_len = max_len
         self.static = static
@@ -83,7 +80,7 @@ class KVCache(nn.Module):
         if self.k.is_cuda and not torch.compiler.is_compiling():
             # Fixed addresses let CUDA graphs (torch.compile mode="reduce-overhead") update
             # the buffers in place instead of skipping graph capture for mutated inputs.
-            for buf in (self.k, self.v, self.valid, self.pos, self.slot, self.image_idx, self.places):
+            for buf in (self.k, self.v, self.valid, self.pos, self.slot, self.image_idx):
                 torch._dynamo.mark_static_address(buf)
 
     @classmethod
@@ -121,7 +118,6 @@ class KVCache(nn.Module):
         self.pos.zero_()
         self.slot.zero_()
         self.image_idx.fill_(-1)
-        self.places.fill_(-1)
         self._written = 0
 
     @property
@@ -162,16 +158,13 @@ def prefill(model: Transformer, ids: Tensor, valid: Tensor, cache: KVCache, *, l
         slots = q_idx
     else:
         attn_mask = padded_causal_mask(valid)  # (B, 1, T, T): the used slots only
-    img_idx = key_places = None
+    img_idx = None
     if model.cfg.image_tokens:
         img_idx = image_index(ids, model.first_image_id, model.cfg.image_tokens)
         cache.image_idx.copy_(img_idx[:, -1])
-        cache.places[:, :T] = img_idx
-        if model.cfg.image_copy_bias:
-            key_places = cache.places if isinstance(slots, Tensor) else cache.places[:, :T]
     logits = model.forward_cached(
         ids, positions_from_valid(valid), kv=cache.layers(), slots=slots, attn_mask=attn_mask, last_only=last_only,
-        head_window=head_window, image_idx=img_idx, key_places=key_places,
+        head_window=head_window, image_idx=img_idx,
     )
     cache.pos.copy_(valid.sum(dim=1))
     cache.slot.fill_(T)
@@ -203,28 +196,22 @@ def decode_one_token(model: Transformer, ids: Tensor, cache: KVCache,
     # One additive mask for all layers (a Bool mask is converted to this in every layer).
     valid = cache.valid[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
     attn_mask = additive_mask(valid, 1, slot + 1, cache.k)
-    image_idx = _next_image_idx(model, ids, cache, slot)
-    key_places = cache.places[:, : slot + 1] if model.cfg.image_copy_bias else None
-    logits = model.forward_decode(ids, cache.pos[:, None], kv=cache.layers(), slot=slot, attn_mask=attn_mask,
-                                  head_window=head_window, image_idx=image_idx, key_places=key_places)
+    logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
+                                  head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
     cache.pos.add_(1)
     cache.slot.add_(1)
-    return logits  # (B, V)
+    return logits[:, -1]  # (B, V)
 
 
-def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache, slot: Tensor | int) -> Tensor | None:
-    """Place in its image of each fed token ``ids`` Long[B, 1] (and record it in the cache,
-    the place of slot ``slot`` too)."""
+def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor | None:
+    """Place in its image of each fed token ``ids`` Long[B, 1] (recorded in the cache); None
+    for models without ``image_tokens``."""
     if not model.cfg.image_tokens:
         return None
     is_img = ids[:, 0] >= model.first_image_id
     nxt = torch.where(is_img, (cache.image_idx + 1) % model.cfg.image_tokens, torch.full_like(cache.image_idx, -1))
     cache.image_idx.copy_(nxt)
-    if isinstance(slot, int):
-        cache.places[:, slot] = nxt
-    else:
-        cache.places.index_copy_(1, slot, nxt[:, None])
-    return nxt[:, None]
+    return nxt[:, None]  # (B, 1)
 
 
 def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window: tuple[int, int] | None = None) -> Tensor:
@@ -232,10 +219,8 @@ def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window:
     slot = cache.slot
     cache.valid.index_fill_(1, slot, True)
     attn_mask = cache.valid[:, None, None, :]  # (B, 1, 1, S)
-    image_idx = _next_image_idx(model, ids, cache, slot)
     logits = model.forward_cached(ids, cache.pos[:, None], kv=cache.layers(), slots=slot, attn_mask=attn_mask,
-                                  head_window=head_window, image_idx=image_idx,
-                                  key_places=cache.places if model.cfg.image_copy_bias else None)
+                                  head_window=head_window, image_idx=_next_image_idx(model, ids, cache))
     cache.pos.add_(1)
     cache.slot.add_(1)
     return logits[:, -1]  # (B, V)

@@ -16,7 +16,6 @@ rest is JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from cm3leon.config import ModelConfig
+from cm3leon.config import ModelConfig, to_json_dict
 from cm3leon.model.io import check_state_dict, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -235,9 +234,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def check_model_compat(ckpt: Checkpoint, model_config: dict[str, Any], expected: dict[str, torch.Tensor]) -> None:
     """Refuse a checkpoint written for another model: name the differing config fields, then keys/shapes."""
-    # A field the checkpoint does not name was added after it was written: it had the default.
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **ckpt.state.get("model_config", {})}
+    # A field the checkpoint does not name counts as its default (ModelConfig.from_dict).
+    saved = to_json_dict(ModelConfig.from_dict(ckpt.state.get("model_config", {})))
     diff = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
     if diff:
         desc = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
