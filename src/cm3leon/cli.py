@@ -9,6 +9,8 @@ import importlib
 import logging
 import sys
 
+from cm3leon.workspace import WorkspaceError
+
 # One module per stage of the data flow, in pipeline order.
 COMMAND_MODULES = [
     "data",        # cm3leon data shapes|inspect|tokenize
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (CLIError, FileNotFoundError, ValueError) as e:
+    except (CLIError, FileNotFoundError, FileExistsError, ValueError, WorkspaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from cm3leon.generate.logits import SamplingConfig
 from cm3leon.shapes.world import ShapesConfig
 from cm3leon.train.config import RunConfig
 from cm3leon.train.recipes import RECIPES, SFT_MIXES, get_recipe
+from cm3leon.workspace import WorkspaceLock, check_replaceable, is_lock_file, list_files, replace_owned_dir
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,71 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v, default=float))
 
 
+STAGE_MARKER = "stage.json"  # a finished stage: its result, inputs and the files it wrote
+STAGE_STARTED = "stage.started.json"  # a stage that started and has not finished
+
+
+class _StageOutputs:
+    """Files of a stage folder that its stage wrote: those ``listed``, plus those modified
+    at or after ``since`` / at or before ``until`` (seconds, file mtimes)."""
+
+    def __init__(self, d: Path, listed: set[str], *, since: float | None = None, until: float | None = None) -> None:
+        self.d, self.listed, self.since, self.until = d, listed, since, until
+
+    def __contains__(self, rel: object) -> bool:
+        if not isinstance(rel, str):
+            return False
+        if rel in self.listed:
+            return True
+        if self.since is None and self.until is None:
+            return False
+        try:
+            mtime = os.lstat(self.d / rel).st_mtime
+        except OSError:
+            return False
+        return (self.since is not None and mtime >= self.since) or (self.until is not None and mtime <= self.until)
+
+
+def _stage_files(d: Path) -> _StageOutputs | None:
+    """The owner of stage folder ``d`` for :func:`cm3leon.workspace.check_replaceable`: the
+    files ``stage.json`` lists; for a stage that started and did not finish, the files
+    ``stage.started.json`` lists and every file written since it; for a ``stage.json``
+    without a list (from before stages listed their files), every file not modified after
+    it. None (nothing is the stage's) when ``d`` has neither marker."""
+    for name in (STAGE_MARKER, STAGE_STARTED):
+        try:
+            rec = json.loads((d / name).read_text())
+            mtime = (d / name).stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(rec, dict):
+            continue
+        listed = {STAGE_MARKER, STAGE_STARTED, *map(str, rec.get("files", []))}
+        if name == STAGE_STARTED:
+            return _StageOutputs(d, listed, since=mtime)
+        return _StageOutputs(d, listed) if "files" in rec else _StageOutputs(d, listed, until=mtime)
+    return None
+
+
+def _mark_started(d: Path, files: list[str]) -> None:
+    """Record in ``d`` that its stage started, unless an unfinished start is recorded already
+    (its time dates the files that start wrote)."""
+    if not (d / STAGE_STARTED).exists():
+        atomic_write_text(d / STAGE_STARTED, json.dumps({"started": time.time(), "files": sorted(files)}) + "\n")
+
+
 class StageInterrupted(Exception):
     """A training stage stopped before its last step (Ctrl-C, SIGTERM); its checkpoint is kept
     and running the same quickstart again resumes it."""
 
 
 class Stages:
-    """Runs named stages once: a finished stage leaves ``stage.json`` and is reused."""
+    """Runs named stages once: a finished stage leaves ``stage.json`` and is reused.
+
+    A stage folder is deleted only when it holds nothing but what its stage wrote
+    (``stage.json`` lists those files; ``stage.started.json`` marks a stage that started);
+    a folder holding other files is refused (:class:`cm3leon.workspace.NotOwnedError`).
+    """
 
     def __init__(self, out: Path, preset: QuickstartPreset, *, device: str = "cpu", force: bool = False) -> None:
         self.out, self.preset, self.force = out, preset, force
@@ -224,7 +282,7 @@ class Stages:
         key.update({k: _jsonable(v) for k, v in (inputs or {}).items()})
         self._inputs[name] = key
         d = self.out / name
-        marker = d / "stage.json"
+        marker = d / STAGE_MARKER
         if marker.exists() and not self.force:
             rec = json.loads(marker.read_text())
             if rec.get("inputs") == key:
@@ -235,15 +293,23 @@ class Stages:
                     return rec["result"]
                 log.warning("stage %s was recorded unfinished (steps: %s); running it again", name,
                             rec["result"].get("steps"))
+                owned = _stage_files(d)
+                _mark_started(d, [f for f in list_files(d) if owned is not None and f in owned])
                 marker.unlink()
         if d.exists() and (marker.exists() or self.force):
-            shutil.rmtree(d)  # outputs of a finished run with other inputs: stale
+            replace_owned_dir(d, _stage_files)  # outputs of a finished run with other inputs: stale
+        elif d.exists():
+            check_replaceable(d, _stage_files)  # an unfinished run's outputs are resumed; other files are refused
         d.mkdir(parents=True, exist_ok=True)
+        _mark_started(d, [])
         print(f"== stage {name}", flush=True)
         t0 = time.perf_counter()
         result = fn(d)
         secs = time.perf_counter() - t0
-        atomic_write_text(marker, json.dumps({"seconds": secs, "result": result, "inputs": key}, indent=2, default=float))
+        files = [f for f in list_files(d) if f not in (STAGE_MARKER, STAGE_STARTED) and not is_lock_file(f)]
+        atomic_write_text(marker, json.dumps({"seconds": secs, "result": result, "inputs": key, "files": files},
+                                             indent=2, default=float))
+        (d / STAGE_STARTED).unlink(missing_ok=True)
         print(f"   {name} done in {secs:.1f}s", flush=True)
         self.timings[name] = secs
         self.results[name] = result
@@ -575,10 +641,16 @@ def _stage_eval(p: QuickstartPreset, data: dict[str, Any], model: dict[str, Any]
 def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", *, device: str = "auto",
                    force: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole recipe into ``out`` on ``device`` (auto: CUDA when available);
-    returns the report dict."""
+    returns the report dict. The run holds ``out``'s workspace lock: a second quickstart on
+    the same directory is refused at once (:class:`cm3leon.workspace.WorkspaceBusyError`)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with WorkspaceLock(out):
+        return _run_stages(out, p, device=device, force=force)
+
+
+def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and os.environ.get("CM3LEON_THREADS"):

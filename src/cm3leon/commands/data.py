@@ -41,7 +41,8 @@ def add_shapes(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snap", type=int, default=1,
                    help="object corners on multiples of this many pixels (1 = anywhere; the quickstart uses 4)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a dataset (a directory holding other files is refused)")
     p.set_defaults(func=_run_shapes)
 
 
@@ -100,7 +101,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     )
     _add_source_options(p)
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a dataset (a directory holding other files is refused)")
     p.set_defaults(func=_run_convert)
 
 
@@ -108,10 +110,15 @@ def _run_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cm3leon.data.dataset import write_dataset
+    from cm3leon.workspace import check_not_inside
 
+    check_not_inside(args.out, args.path, args.images, args.captions)
     src, kind = _open(args)
-    records = tqdm(src, unit="rec", desc=f"convert {kind}")
-    out = write_dataset(args.out, records, source=f"{kind}:{args.path}", overwrite=args.overwrite)
+
+    def records() -> Any:  # the bar starts with the first record, after write_dataset checked --out
+        yield from tqdm(src, unit="rec", desc=f"convert {kind}")
+
+    out = write_dataset(args.out, records(), source=f"{kind}:{args.path}", overwrite=args.overwrite)
     print(f"wrote {src.stats.ok} records to {out}; bad rows: {src.stats.summary()}")
     return 0
 

@@ -49,7 +49,8 @@ def add_tokenize_parser(data_subparsers: argparse._SubParsersAction) -> argparse
     p.add_argument("--seed", type=int, default=0, help="SFT: seed for template variants and VQA picks (default 0)")
     p.add_argument("--limit", type=int, default=None, help="read at most this many records")
     p.add_argument("--device", default="cpu", help="device for the image tokenizer (default cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds shards (a directory holding other files is refused)")
     p.set_defaults(func=run_tokenize)
     return p
 
@@ -88,7 +89,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
     from cm3leon.sequence.sft_sources import read_sft_jsonl, record_sft_examples
     from cm3leon.tokenize.image_vq import ImageTokenizer
     from cm3leon.tokenize.text_bpe import TextTokenizer
+    from cm3leon.workspace import check_not_inside, check_not_replaced
 
+    check_not_inside(args.out, args.data)
+    check_not_replaced(args.out, args.text_tokenizer, args.image_tokenizer, args.index, args.neighbors, *args.sft_jsonl)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     nb_path = _neighbors_path(args)  # fail before the long work

@@ -46,6 +46,14 @@ def _add_train_text(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train_text(args: argparse.Namespace) -> int:
+    from cm3leon.workspace import WorkspaceLock, check_not_inside
+
+    check_not_inside(args.out, args.data, replaces=False)
+    with WorkspaceLock(args.out):  # one writer of --out at a time
+        return _train_text(args)
+
+
+def _train_text(args: argparse.Namespace) -> int:
     from cm3leon.data.sources import open_source
     from cm3leon.tokenize.text_bpe import TextTokenizer, record_texts
 
@@ -133,13 +141,22 @@ def _load_images(path: str, resolution: int, *, limit: int | None, task_images: 
 
 
 def _run_train_image(args: argparse.Namespace) -> int:
+    from cm3leon.tokenize.image_vq_train import TRAIN_PRESETS
+    from cm3leon.workspace import WorkspaceLock, check_not_inside
+
+    if args.preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    check_not_inside(args.out, args.data, args.val_data, replaces=False)
+    with WorkspaceLock(args.out):  # one writer of --out at a time
+        return _train_image(args)
+
+
+def _train_image(args: argparse.Namespace) -> int:
     import dataclasses
 
     from cm3leon.tokenize.image_vq import VQConfig
     from cm3leon.tokenize.image_vq_train import TRAIN_PRESETS, train_image_tokenizer
 
-    if args.preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
     model_cfg = VQConfig.from_name(args.preset)
     overrides = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

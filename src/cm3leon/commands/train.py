@@ -117,12 +117,21 @@ def _run_train(args: argparse.Namespace) -> int:
         base = Path(run.init_from)
     from cm3leon.train.loop import NonFiniteLossError
     from cm3leon.train.run import run_training
+    from cm3leon.workspace import WorkspaceLock
 
+    # One run per --out: a second would interleave metrics.jsonl and race on checkpoints. The
+    # ranks of one torchrun job share it, so only rank 0 takes the lock.
+    lock = WorkspaceLock(args.out) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
     try:
         res = run_training(run, args.out, base=base, resume=args.resume, until_step=args.until_step,
                            progress=not args.no_progress)
     except NonFiniteLossError as e:
         raise CLIError(str(e)) from e
+    finally:
+        if lock is not None:
+            lock.release()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if res.status == "interrupted":

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 
 from cm3leon.config import atomic_write_text
 from cm3leon.data.records import DocRecord
+from cm3leon.workspace import check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,18 @@ def record_to_row(record: DocRecord) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
+def dataset_files(path: Path) -> set[str] | None:
+    """The files a :class:`DatasetWriter` wrote in directory ``path`` (its manifest and the
+    parts it lists), None if ``path`` holds no dataset manifest: the owner that
+    :func:`cm3leon.workspace.check_replaceable` is given before a dataset is replaced."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    return {MANIFEST, *(str(p.get("file")) for p in manifest.get("parts", []) if isinstance(p, dict))}
+
 
 
 class DatasetWriter:
@@ -203,6 +216,8 @@ class DatasetWriter:
     Rows are buffered and flushed as ``part-NNNNN.parquet`` every ``rows_per_part`` rows into
     a hidden temporary directory next to ``out``, which is renamed to ``out`` at the end.
     Use as a context manager; on an exception the temporary directory is removed.
+    ``overwrite`` replaces an existing dataset, never a directory holding anything else
+    (:class:`cm3leon.workspace.NotOwnedError`, checked here and again before the swap).
     """
 
     def __init__(
@@ -220,6 +235,8 @@ class DatasetWriter:
         self.out = Path(out)
         if self.out.exists() and not overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ValueError(f"{self.out} already exists; choose another output path or pass overwrite=True (--overwrite)")
+        if overwrite:
+            check_replaceable(self.out, dataset_files)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
@@ -291,6 +308,11 @@ class DatasetWriter:
             **self.extra_manifest,
         }
         atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        try:
+            check_replaceable(self.out, dataset_files)  # files may have arrived while writing
+        except BaseException:
+            self.abort()
+            raise
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"

@@ -34,6 +34,7 @@ import numpy as np
 
 from cm3leon.config import atomic_write_text
 from cm3leon.vocab import Vocab
+from cm3leon.workspace import WorkspaceLock, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,26 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+SHARD_FILES = (MANIFEST, TOKENS, OFFSETS, SOURCE_ROWS, TASKS, TASK_IDS, TARGETS, NEIGHBORS)
+
+
+class _ShardFiles:
+    """The shard files and the temporaries of their atomic writes (``.<name>.tmp-*``)."""
+
+    def __contains__(self, rel: object) -> bool:
+        return isinstance(rel, str) and (rel in SHARD_FILES or any(
+            rel.startswith(f".{name}.tmp-") for name in SHARD_FILES))
+
+
+def shard_files(path: Path) -> _ShardFiles | None:
+    """The files cm3leon writes in a shard directory, None if ``path`` holds no shard
+    manifest: the owner that :func:`cm3leon.workspace.check_replaceable` is given before
+    shards are replaced."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return _ShardFiles() if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
 class ShardWriter:
@@ -65,12 +86,24 @@ class ShardWriter:
     Everything is written into a hidden sibling directory and renamed onto ``out_dir`` at
     the end, so a crash never leaves a half-written shard directory behind. ``meta`` is
     merged into the manifest (e.g. source path, tokenizer dirs, stats).
+
+    An existing ``out_dir`` is replaced only with ``overwrite`` and only if it holds shards
+    and nothing else (:class:`cm3leon.workspace.NotOwnedError`); an empty directory is
+    used as is. From here to :meth:`finalize` / :meth:`abort` the writer holds the lock
+    ``.<name>.cm3leon.lock`` beside ``out_dir``, so a second writer to the same directory is
+    refused at once (:class:`cm3leon.workspace.WorkspaceBusyError`).
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], vocab: Vocab, *, overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{self.out_dir} already exists; pass overwrite=True (CLI: --overwrite) or pick a new --out")
+        self._lock = WorkspaceLock(self.out_dir, sibling=True)
+        self._check_out(overwrite)
+        self._lock.acquire()
+        try:
+            self._check_out(overwrite)  # again: another writer may have published it meanwhile
+        except BaseException:
+            self._lock.release()
+            raise
         self.vocab = vocab
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -81,6 +114,14 @@ class ShardWriter:
         self._tasks: list[str | None] = []
         self._targets: list[tuple[int, int]] = []
         self._closed = False
+
+    def _check_out(self, overwrite: bool) -> None:
+        out = self.out_dir
+        if not out.exists():
+            return
+        if not overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or pick a new --out")
+        check_replaceable(out, shard_files)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -140,13 +181,20 @@ class ShardWriter:
         }
         manifest.update(meta or {})
         atomic_write_text(self._tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.out_dir, old)
-            os.replace(self._tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self._tmp, self.out_dir)
+        try:
+            check_replaceable(self.out_dir, shard_files)  # files may have arrived while writing
+            if self.out_dir.exists():
+                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(self.out_dir, old)
+                os.replace(self._tmp, self.out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self._tmp, self.out_dir)
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+        finally:
+            self._lock.release()
         log.info("wrote %d documents (%d tokens) to %s", n, manifest["n_tokens"], self.out_dir)
         return self.out_dir
 
@@ -156,6 +204,7 @@ class ShardWriter:
             self._tokens.close()
         self._closed = True
         shutil.rmtree(self._tmp, ignore_errors=True)
+        self._lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -415,7 +464,9 @@ def tokenize_dataset(
     them are skipped and counted in ``manifest["stats"]``. ``limit`` stops after that many
     good records. Shard row -> dataset row is kept
     in ``source_rows.npy`` (dataset row = position in the source, bad rows included, so
-    it matches the retrieval stage's row numbering of a dataset directory).
+    it matches the retrieval stage's row numbering of a dataset directory). ``overwrite``
+    replaces existing shards, never a directory holding other files; the writer holds
+    ``out_dir``'s lock while it works (see :class:`ShardWriter`).
     """
     from cm3leon.data.sources import open_source
 

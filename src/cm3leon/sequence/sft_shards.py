@@ -23,7 +23,10 @@ def tokenize_sft(
     overwrite: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> Shards:
-    """Render examples into shards tagged with their task and target span (VQ in batches)."""
+    """Render examples into shards tagged with their task and target span (VQ in batches).
+
+    ``overwrite`` replaces existing shards at ``out_dir``, never a directory holding other
+    files; the writer holds ``out_dir``'s lock while it works (see :class:`ShardWriter`)."""
     vocab = vocab_for(text_tok, image_tok, n_masks=n_masks)
     counts: Counter[str] = Counter()
     writer = ShardWriter(out_dir, vocab, overwrite=overwrite)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cm3leon.data.dataset import DatasetWriter, record_to_row
+from cm3leon.data.dataset import DatasetWriter, dataset_files, record_to_row
 from cm3leon.data.records import DocRecord
 from cm3leon.shapes.annotations import make_edit, make_reasoning, make_vqa
 from cm3leon.shapes.captions import describe, reading_order
@@ -29,6 +29,7 @@ from cm3leon.shapes.render import (
     writable_words,
 )
 from cm3leon.shapes.world import ObjectSpec, Scene, ShapesConfig, choose, label_map, sample_scene
+from cm3leon.workspace import check_replaceable
 
 # The annotations every record carries (``meta["tasks"]``).
 TASKS: tuple[str, ...] = (
@@ -121,7 +122,9 @@ def write_shapes_dataset(
     chunk: int = 250,
 ) -> Path:
     """Write ``n`` Shapes examples as a dataset at ``out``; the bytes depend only on
-    ``(n, cfg, seed)``, not on ``workers``. Returns the dataset path."""
+    ``(n, cfg, seed)``, not on ``workers``. Returns the dataset path. ``overwrite`` replaces
+    an existing dataset only: a directory holding other files is refused before any work
+    (:class:`cm3leon.workspace.NotOwnedError`)."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if seed < 0:
@@ -130,6 +133,8 @@ def write_shapes_dataset(
     if cfg.size != size:
         cfg = dataclasses.replace(cfg, size=size)
     jobs = [(seed, s, min(n, s + chunk), cfg) for s in range(0, n, chunk)]
+    if overwrite:
+        check_replaceable(out, dataset_files)  # before the progress bar and the worker pool
     bar = None
     if progress:
         from tqdm import tqdm
