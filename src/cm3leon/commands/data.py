@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -118,9 +119,24 @@ def _run_convert(args: argparse.Namespace) -> int:
     def records() -> Any:  # the bar starts with the first record, after write_dataset checked --out
         yield from tqdm(src, unit="rec", desc=f"convert {kind}")
 
-    out = write_dataset(args.out, records(), source=f"{kind}:{args.path}", overwrite=args.overwrite)
+    out = write_dataset(args.out, _WithStats(records, src), source=f"{kind}:{args.path}", overwrite=args.overwrite)
     print(f"wrote {src.stats.ok} records to {out}; bad rows: {src.stats.summary()}")
     return 0
+
+
+class _WithStats:
+    """The records of ``records()`` (started on first iteration) with ``source.stats`` beside
+    them, which :func:`~cm3leon.data.dataset.write_dataset` keeps in the manifest's ``skipped``."""
+
+    def __init__(self, records: Callable[[], Iterator[Any]], source: Any) -> None:
+        self.records, self.source = records, source
+
+    @property
+    def stats(self) -> Any:
+        return self.source.stats
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.records())
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -150,6 +166,8 @@ def _short(value: Any, width: int = 100) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from cm3leon.data.sources import NoGoodRowsError
+
     src, kind = _open(args)
     print(f"path:    {args.path}")
     print(f"format:  {kind}")
@@ -160,12 +178,16 @@ def _run_inspect(args: argparse.Namespace) -> int:
     tasks: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     examples = []
-    for rec in src:
-        tasks.update(rec.meta.get("tasks", []) if kind == "dataset" else ["caption"] if rec.is_multimodal else [])
-        if rec.image is not None:
-            sizes[f"{rec.image.width}x{rec.image.height}"] += 1
-        if len(examples) < args.examples:
-            examples.append(rec)
+    unusable: NoGoodRowsError | None = None
+    try:
+        for rec in src:
+            tasks.update(rec.meta.get("tasks", []) if kind == "dataset" else ["caption"] if rec.is_multimodal else [])
+            if rec.image is not None:
+                sizes[f"{rec.image.width}x{rec.image.height}"] += 1
+            if len(examples) < args.examples:
+                examples.append(rec)
+    except NoGoodRowsError as e:  # still print the counts, then the one-line verdict
+        unusable = e
     st = src.stats
     print(f"records: {st.ok} read" + (f" (stopped at --limit {args.limit})" if args.limit else ""))
     if sizes:
@@ -185,6 +207,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 print(f"  images: {', '.join(value)}")
             elif key != "tasks":
                 print(f"  {key}: {_short(value)}")
+    if unusable is not None:
+        print(f"error: {unusable}", file=sys.stderr)
+        return 1
     return 0
 
 

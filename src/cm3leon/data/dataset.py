@@ -53,12 +53,19 @@ MAX_PIXELS = 64_000_000
 # --------------------------------------------------------------------------- images
 
 
-class BadImageError(ValueError):
-    """An image that cannot be used; ``reason`` is a short key for bad-row statistics."""
+class BadRowError(ValueError):
+    """A row that cannot be used; ``reason`` is a short key for bad-row statistics, ``file``
+    and ``row`` (the row's index in that file) say where it is when known."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, file: str = "", row: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.file = file
+        self.row = row
+
+
+class BadImageError(BadRowError):
+    """An image that cannot be used; ``reason`` is a short key for bad-row statistics."""
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -352,6 +359,9 @@ def write_dataset(
     with DatasetWriter(out, source=source, seed=seed, rows_per_part=rows_per_part, overwrite=overwrite) as w:
         for rec in records:
             w.add(rec)
+        skipped = getattr(getattr(records, "stats", None), "skipped", None)
+        if skipped is not None:  # a Source: its bad-row counts by reason go into the manifest
+            w.extra_manifest["skipped"] = dict(sorted(skipped.items()))
     return w.out
 
 
@@ -474,7 +484,12 @@ class Dataset(Sequence[DocRecord]):
 
     def _row_to_record(self, cols: Mapping[str, list[Any]], r: int) -> DocRecord:
         rid = cols["id"][r]
-        meta: dict[str, Any] = json.loads(cols["meta"][r]) if "meta" in cols and cols["meta"][r] else {}
+        try:
+            meta: dict[str, Any] = json.loads(cols["meta"][r]) if "meta" in cols and cols["meta"][r] else {}
+        except (ValueError, RecursionError) as e:
+            raise BadRowError("bad_meta", f"row {rid!r} of {self.path}: meta is not JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise BadRowError("bad_meta", f"row {rid!r} of {self.path}: meta is not a JSON object")
         image = None
         if cols.get("image") is not None and cols["image"][r] is not None:
             try:
@@ -497,15 +512,40 @@ class Dataset(Sequence[DocRecord]):
             for r in range(len(cols["id"])):
                 yield self._row_to_record(cols, r)
 
-    def iter_checked(self) -> Iterator[DocRecord | BadImageError]:
-        """Like ``iter(ds)``, but a row whose image cannot be decoded yields its
-        :class:`BadImageError` (``reason`` says why) instead of raising."""
-        for cols in self._groups():
-            for r in range(len(cols["id"])):
+    def iter_checked(self) -> Iterator[DocRecord | BadRowError]:
+        """Like ``iter(ds)``, but never raises for bad data: a row whose image or meta cannot be
+        decoded yields its :class:`BadRowError` (``reason`` says why, ``file``/``row`` where), and a
+        part that cannot be read yields one ``corrupt_file`` error per row of it not read (its
+        count from the manifest), so every row of the manifest gives exactly one item."""
+        for k, part in enumerate(self._parts):
+            expected, done = int(self.manifest["parts"][k]["n"]), 0
+            error: Exception | None = None
+            try:
+                f = self._file(k)
+                n_groups = f.metadata.num_row_groups
+            except (OSError, ValueError, pa.ArrowException) as e:
+                error, n_groups = e, 0
+            for g in range(n_groups):
                 try:
-                    yield self._row_to_record(cols, r)
-                except BadImageError as e:
-                    yield e
+                    cols = f.read_row_group(g, columns=self._part_columns(f)).to_pydict()
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    error = e
+                    break
+                for r in range(len(cols["id"])):
+                    item: DocRecord | BadRowError
+                    try:
+                        item = self._row_to_record(cols, r)
+                    except BadRowError as e:
+                        e.file, e.row = part.name, done
+                        item = e
+                    done += 1
+                    yield item
+            if error is not None:
+                left = max(expected - done, 1)
+                log.warning("cannot read dataset part %s (%s); counting its %d unread rows as corrupt_file",
+                            part, error, left)
+                for r in range(done, done + left):
+                    yield BadRowError("corrupt_file", f"{part}: {error}", file=part.name, row=r)
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         """Raw rows (bytes and JSON strings, nothing decoded) of the selected columns."""
