@@ -1,7 +1,8 @@
 """Image tokenizer throughput: encode and decode images/s at 32 px (shapes-32) and 256 px
 (paper-256, random weights). Baseline measured in the same process: transformers'
 ``ChameleonVQVAE.encode`` with the same paper-256 weights (the decoder has no HF
-counterpart), timed alternately with ours so both see the same machine load. Prints one JSON line (medians over repeats).
+counterpart), timed alternately with ours so both see the same machine load. Prints one JSON
+line (medians over repeats).
 
     python benchmarks/bench_image_vq.py                 # CPU, ~1 minute
     python benchmarks/bench_image_vq.py --device cuda --batch-256 32 --repeats 20

@@ -37,7 +37,8 @@ def synthetic(n: int, dim: int, *, uniform: bool, seed: int) -> np.ndarray:
         x = np.empty((n, dim), np.float32)
         for s in range(0, n, 65_536):  # chunked to bound temporary memory
             b = min(n, s + 65_536) - s
-            x[s : s + b] = centers[rng.integers(0, len(centers), b)] + 0.5 * rng.standard_normal((b, dim), dtype=np.float32)
+            noise = 0.5 * rng.standard_normal((b, dim), dtype=np.float32)
+            x[s : s + b] = centers[rng.integers(0, len(centers), b)] + noise
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -91,7 +92,8 @@ def bench_index(x: np.ndarray, q: np.ndarray, factories: list[str], nprobe: int,
             "factory": factory, **knobs, "train_s": round(t_train, 2), "add_s": round(t_add, 2),
             "qps": round(len(q) / t, 1), f"recall@{k}": round(recall, 4),
             f"recall@{k}_rescored_from_{4 * k}": round(recall_rr, 4),
-            "speedup_vs_flat": round(t_flat / t, 2), "bytes_per_vector": int(faiss.serialize_index(idx.index).size // len(x)),
+            "speedup_vs_flat": round(t_flat / t, 2),
+            "bytes_per_vector": int(faiss.serialize_index(idx.index).size // len(x)),
         })
     out["flat"]["bytes_per_vector"] = int(faiss.serialize_index(flat.index).size // len(x))
     return out
@@ -146,7 +148,8 @@ def bench_clip_baseline(docs: list, ours_docs_per_s: float) -> dict:
     enc.embed_documents(docs[:2])
     t = median_time(lambda: enc.embed_documents(docs), 1)  # ~10 s a run on 2 cores
     clip_rate = len(docs) / t
-    return {"clip_vit_b32_docs_per_s": round(clip_rate, 2), "speedup_vs_clip_vit_b32": round(ours_docs_per_s / clip_rate, 1)}
+    return {"clip_vit_b32_docs_per_s": round(clip_rate, 2),
+            "speedup_vs_clip_vit_b32": round(ours_docs_per_s / clip_rate, 1)}
 
 
 def main() -> None:
@@ -158,7 +161,8 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, default=16, help="IVF lists probed (default 16)")
     ap.add_argument("--ef-search", type=int, default=64, help="HNSW efSearch (default 64)")
-    ap.add_argument("--factories", default=None, help="';'-separated factories, e.g. 'IVF256,Flat;HNSW32' (default by size)")
+    ap.add_argument("--factories", default=None,
+                    help="';'-separated factories, e.g. 'IVF256,Flat;HNSW32' (default by size)")
     ap.add_argument("--uniform", action="store_true", help="isotropic random vectors instead of clustered ones")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--encoder-docs", type=int, default=1024)

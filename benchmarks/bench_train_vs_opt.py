@@ -33,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default=None, help="ModelConfig preset (default: d=256, 6 layers, 8 heads)")
-    p.add_argument("--vocab", type=int, default=None, help="vocab size (default: 8192 on CPU, paper vocab with --preset)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocab size (default: 8192 on CPU, paper vocab with --preset)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")

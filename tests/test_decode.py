@@ -133,7 +133,8 @@ def test_every_image_has_exactly_L_codes_and_seeds_reproduce(model: Transformer)
     assert a.shape == (len(PROMPTS) * 3, V.image_seq_len) and a.dtype == torch.long
     assert int(a.min()) >= 0 and int(a.max()) < V.image_size
     assert torch.equal(a, generate_image_tokens(model, V, PROMPTS, cfg, n_per_prompt=3))
-    assert not torch.equal(a, generate_image_tokens(model, V, PROMPTS, dataclasses.replace(cfg, seed=4), n_per_prompt=3))
+    other_seed = dataclasses.replace(cfg, seed=4)
+    assert not torch.equal(a, generate_image_tokens(model, V, PROMPTS, other_seed, n_per_prompt=3))
 
 
 def test_greedy_is_deterministic_and_independent_of_batch(model: Transformer) -> None:

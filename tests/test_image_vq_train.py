@@ -215,7 +215,8 @@ def test_cli_train_text_and_image(tmp_path, monkeypatch):
     from cm3leon.tokenize.text_bpe import TextTokenizer
 
     src = _folder_source(tmp_path, 12)
-    assert main(["tokenizer", "train-text", "--data", str(src), "--vocab-size", "270", "--out", str(tmp_path / "t")]) == 0
+    assert main(["tokenizer", "train-text", "--data", str(src), "--vocab-size", "270",
+                 "--out", str(tmp_path / "t")]) == 0
     tok = TextTokenizer.load(tmp_path / "t")
     assert tok.decode(tok.encode("a shape <break>")) == "a shape <break>"
 

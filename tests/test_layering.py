@@ -73,6 +73,7 @@ def test_no_import_cycles():
 
 
 def test_importing_the_train_config_does_not_import_the_quickstart():
-    code = "import sys, cm3leon.train.config, cm3leon.train.recipes; print(sorted(m for m in sys.modules if m.startswith('cm3leon.quickstart')))"
+    code = ("import sys, cm3leon.train.config, cm3leon.train.recipes; "
+            "print(sorted(m for m in sys.modules if m.startswith('cm3leon.quickstart')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -194,7 +194,8 @@ def test_load_other_preset_names_key_and_shapes(tmp_path):
     save_model(randomized(tiny_cfg()), tmp_path / "m")
     other = tiny_cfg(d_ff=64)  # same config.json shape, different FFN width
     save_json(other, tmp_path / "m" / "config.json")
-    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: checkpoint has shape \(128, 32\), model expects \(64, 32\)"):
+    msg = r"blocks\.0\.mlp\.fc1\.weight: checkpoint has shape \(128, 32\), model expects \(64, 32\)"
+    with pytest.raises(ValueError, match=msg):
         load_model(tmp_path / "m")
 
 

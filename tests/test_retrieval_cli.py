@@ -101,7 +101,8 @@ def test_cli_bad_input_is_one_clear_line(built, tmp_path, capsys):
     root, data = built
     assert main(["index", "search", "--index", str(tmp_path / "missing"), "x"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["index", "build", "--data", str(tmp_path), "--encoder", str(root / "enc"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["index", "build", "--data", str(tmp_path), "--encoder", str(root / "enc"),
+                 "--out", str(tmp_path / "o")]) == 1
     assert "not a cm3leon dataset" in capsys.readouterr().err
     assert main(["index", "search", "--index", str(root / "ix")]) == 1
     assert "query text" in capsys.readouterr().err

@@ -157,7 +157,8 @@ def test_batched_equals_one_by_one():
     cfg = RetrieverConfig(batch_size=7, dedup_threshold=0.6)
     together = Retriever(bank, cfg=cfg).retrieve_vectors(q, q[::-1].copy(), query_ids=np.arange(20))
     for i in range(20):
-        one = Retriever(bank, cfg=cfg).retrieve_vectors(q[i : i + 1], q[::-1][i : i + 1].copy(), query_ids=np.array([i]))
+        one = Retriever(bank, cfg=cfg).retrieve_vectors(q[i : i + 1], q[::-1][i : i + 1].copy(),
+                                                        query_ids=np.array([i]))
         np.testing.assert_array_equal(one.ids[0], together.ids[i])
 
 

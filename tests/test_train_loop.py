@@ -66,7 +66,8 @@ def test_first_loss_is_log_vocab_and_matches_a_hand_written_reference(tmp_path):
             g["lr"] = tc.lr_at(step)
         b = collate([data[i] for i in order.take(step * 4, 4)])
         logits = model(b["ids"])
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB.size), b["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB.size), b["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()

@@ -7,7 +7,8 @@ A model directory (like a Hugging Face one) holds everything inference needs::
       text_tokenizer/                              byte-level BPE (tokenize/text_bpe.py)
       image_tokenizer/                             VQ-GAN (tokenize/image_vq.py)
       retrieval/encoder/                           optional: retrieval encoder (retrieval/encoder.py)
-      reranker/                                    optional: an encoder for CLIP re-ranking only (default: the retrieval encoder)
+      reranker/                                    optional: an encoder for CLIP re-ranking only
+                                                   (default: the retrieval encoder)
       retrieval/bank/                              optional: FAISS index + document vectors
       retrieval/memory/                            optional: the bank's documents as token shards
       generation_config.json                       optional: decoding defaults per task (generate/generation_config.py)
@@ -109,7 +110,9 @@ class CM3Leon:
                 f"codes but the vocabulary expects {vocab.image_seq_len} from {vocab.image_size}"
             )
         if text_tokenizer.vocab_size > vocab.text_size:
-            raise ValueError(f"text tokenizer has {text_tokenizer.vocab_size} ids but the vocabulary only {vocab.text_size}")
+            raise ValueError(
+                f"text tokenizer has {text_tokenizer.vocab_size} ids but the vocabulary only {vocab.text_size}"
+            )
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
@@ -118,7 +121,9 @@ class CM3Leon:
         self.encoder = encoder
         self.bank = bank
         self.memory = memory
-        self.retriever = Retriever(bank, encoder, RetrieverConfig()) if bank is not None and encoder is not None else None
+        self.retriever = (
+            Retriever(bank, encoder, RetrieverConfig()) if bank is not None and encoder is not None else None
+        )
         # What re-ranks generated images: a dedicated encoder if the directory has one (it can
         # be trained for fine-grained matching without changing what the retriever finds).
         self.reranker = reranker if reranker is not None else encoder
@@ -178,7 +183,8 @@ class CM3Leon:
         if generation_config is not None:
             generation_config.save(out)
         parts = [(text_tokenizer_dir, TEXT_TOKENIZER_DIR), (image_tokenizer_dir, IMAGE_TOKENIZER_DIR),
-                 (encoder_dir, ENCODER_DIR), (bank_dir, BANK_DIR), (memory_dir, MEMORY_DIR), (reranker_dir, RERANKER_DIR)]
+                 (encoder_dir, ENCODER_DIR), (bank_dir, BANK_DIR), (memory_dir, MEMORY_DIR),
+                 (reranker_dir, RERANKER_DIR)]
         for src, rel in parts:
             if src is None:
                 continue
@@ -300,8 +306,9 @@ class CM3Leon:
                                   callback_every=callback_every)
         else:
             guided = cfg.guidance != 1.0 or cfg.cd_k is not None  # scale 1 without CD-K is plain decoding: one stream
-            codes = generate_image_tokens(self.model, self.vocab, conds, cfg, uncond_prompts=unconds if guided else None,
-                                          n_per_prompt=n, callback=callback, callback_every=callback_every)
+            codes = generate_image_tokens(self.model, self.vocab, conds, cfg,
+                                          uncond_prompts=unconds if guided else None, n_per_prompt=n,
+                                          callback=callback, callback_every=callback_every)
         images = self.decode_images(codes)
         results = []
         for j, p in enumerate(prompts):

@@ -527,7 +527,8 @@ def _stage_sft_shards(p: QuickstartPreset, data: dict[str, Any], text: dict[str,
                            image_tok, d / "sft", overwrite=True)
         tokenize_sft((ex for r in Dataset(data["val"]) for ex in record_sft_examples(r, rng)), text_tok, image_tok,
                      d / "sft_val", overwrite=True)
-        return {"sft": str(d / "sft"), "sft_val": str(d / "sft_val"), "sft_docs": len(sft), "sft_records": len(sft_rows)}
+        return {"sft": str(d / "sft"), "sft_val": str(d / "sft_val"), "sft_docs": len(sft),
+                "sft_records": len(sft_rows)}
 
     return fn
 

@@ -46,7 +46,8 @@ def _metrics_table(ev_pre: dict[str, Any], ev_sft: dict[str, Any]) -> tuple[list
             rows.append({"task": task, "metric": k, "sft": v, "pretrained": pre, "target": target,
                          "meets_target": None if target is None else bool(v >= target)})
     body = "".join(
-        f"<tr><td>{r['task']}</td><td>{r['metric']}</td><td>{_fmt(r['pretrained']) if r['pretrained'] is not None else '-'}"
+        f"<tr><td>{r['task']}</td><td>{r['metric']}</td>"
+        f"<td>{_fmt(r['pretrained']) if r['pretrained'] is not None else '-'}"
         f"</td><td><b>{_fmt(r['sft'])}</b></td><td>{_fmt(r['target']) if r['target'] is not None else ''}"
         f"{'' if r['meets_target'] is None else (' ✓' if r['meets_target'] else ' ✗')}</td></tr>"
         for r in rows
@@ -68,7 +69,9 @@ def _ablation_table(ab: dict[str, Any]) -> str:
             "attr_position", "count_correct", "clip_score"]
     head = "".join(f"<th>{k}</th>" for k in keys)
     body = "".join(
-        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(m.get(k, float('nan')))}</td>" for k in keys) + "</tr>"
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{_fmt(m.get(k, float('nan')))}</td>" for k in keys)
+        + "</tr>"
         for name, m in ab.items()
     )
     note = ("<p>Each row changes one knob of the main setting. cfg_*, retrieve_* and rerank_off judge every "
@@ -115,6 +118,13 @@ def write_report(out: Path, *, preset: Any, generation: Any, timings: dict[str, 
             ) + "</table>"
     t2i, edit = generation.text_to_image, generation.edit.sampling
     samples = preset.eval.samples or t2i.samples
+    reranker = (f"a separate re-ranker (a dual encoder trained on detailed captions for {preset.reranker_steps} steps)"
+                if preset.reranker_steps else "the retrieval encoder")
+    grid_html = "".join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)
+    pre_grid_html = (f'<h3>pretrained-only model, same prompts</h3><img src="{html.escape(pre_grid)}">'
+                     if pre_grid else "")
+    curves_html = "".join(f'<h3>{n}</h3><img src="{html.escape(c)}">' for n, c in curves)
+    recall = json.dumps({k: v for k, v in results.get("encoder", {}).items() if k != "dir"})
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cm3leon quickstart report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}img{{image-rendering:pixelated;max-width:100%}}</style>
@@ -128,19 +138,19 @@ retrieval-augmented CM3 pretraining → SFT → evaluation. Total stage time {su
 document{'' if t2i.retrieve == 1 else 's'}, CFG
 {t2i.sampling.guidance:g}, temperature {t2i.sampling.temperature:g}, top-p {t2i.sampling.top_p:g},
 {samples} samples per prompt ({_sample_set(t2i)}) re-ranked by CLIP score with
-{"a separate re-ranker (a dual encoder trained on detailed captions for " + str(preset.reranker_steps) + " steps)"
- if preset.reranker_steps else "the retrieval encoder"}; "all correct" means every attribute (shape, color, size, position) of every object right
+{reranker}; "all correct" means every attribute (shape, color, size, position) of every object right
 and the object count right. Editing decodes with instruct-CFG {edit.image_guidance:g} (image) /
 {edit.text_guidance:g} (text); the other image tasks with CFG {generation.control.sampling.guidance:g}
 (the model directory's generation_config.json).</p>
 <h2>Text-to-image (SFT model): real image, then samples best first</h2>
-{''.join(f'<h3>{html.escape(t)}</h3><img src="{html.escape(g)}">' for t, g in grids)}
-{f'<h3>pretrained-only model, same prompts</h3><img src="{html.escape(pre_grid)}">' if pre_grid else ''}
-<h2>Ablations of the pretrained model (paper §3: retrieval, CFG, sampling, re-ranking)</h2>{_ablation_table(report['ablations'])}
+{grid_html}
+{pre_grid_html}
+<h2>Ablations of the pretrained model (paper §3: retrieval, CFG, sampling, re-ranking)</h2>\
+{_ablation_table(report['ablations'])}
 <h2>Caption and VQA examples</h2>{examples}
-<h2>Training</h2>{''.join(f'<h3>{n}</h3><img src="{html.escape(c)}">' for n, c in curves)}
+<h2>Training</h2>{curves_html}
 <p>Image tokenizer: held-out PSNR {_fmt(vq.get('val_psnr', float('nan')))} dB, codebook usage
-{_fmt(vq.get('val_codebook_usage', float('nan')))}. Retrieval encoder recall: {html.escape(json.dumps({k: v for k, v in results.get('encoder', {}).items() if k != 'dir'}))}.</p>
+{_fmt(vq.get('val_codebook_usage', float('nan')))}. Retrieval encoder recall: {html.escape(recall)}.</p>
 <h2>Stage timings (seconds)</h2><table>{stages}</table>
 </body></html>"""
     atomic_write_text(out / "report.html", page)

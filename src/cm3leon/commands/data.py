@@ -220,7 +220,9 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
     add_tokenize_parser(sub)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_shapes, add_inspect, add_convert, add_tokenize)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_shapes, add_inspect, add_convert, add_tokenize,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

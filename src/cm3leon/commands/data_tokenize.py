@@ -36,7 +36,8 @@ def add_tokenize_parser(data_subparsers: argparse._SubParsersAction) -> argparse
     )
     p.add_argument("--data", required=True, help="dataset dir or any source `cm3leon data inspect` reads")
     p.add_argument("--text-tokenizer", required=True, help="text tokenizer directory (tokenizer.json)")
-    p.add_argument("--image-tokenizer", required=True, help="image tokenizer directory (config.json + model.safetensors)")
+    p.add_argument("--image-tokenizer", required=True,
+                   help="image tokenizer directory (config.json + model.safetensors)")
     p.add_argument("--out", required=True, help="output shard directory")
     p.add_argument("--index", help="retrieval index directory holding neighbors.npy for --data")
     p.add_argument("--neighbors", help="a neighbors.npy (int64 [N,k], dataset rows, -1 = none) to attach")

@@ -17,7 +17,8 @@ def register(subparsers: Any) -> None:
         "(config.json + model.safetensors) that gives identical logits in `transformers`. "
         "Special token ids come from the model directory's vocab.json when present.",
     )
-    p.add_argument("--model", required=True, type=Path, help="cm3leon model directory (config.json + model.safetensors)")
+    p.add_argument("--model", required=True, type=Path,
+                   help="cm3leon model directory (config.json + model.safetensors)")
     p.add_argument("--out", required=True, type=Path, help="output directory for the OPT model")
     p.set_defaults(func=_export)
 

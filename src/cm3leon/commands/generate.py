@@ -32,8 +32,8 @@ def register(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     g = sub.add_parser("generate", help="text-to-image", formatter_class=fmt,
                        description="Generate images from a text prompt (CFG, CD-K, retrieval, CLIP re-ranking).",
-                       epilog='example: cm3leon generate --model runs/quickstart/model "a large red circle at the top left" '
-                              "--n 8 --out grid.png")
+                       epilog="example: cm3leon generate --model runs/quickstart/model "
+                              '"a large red circle at the top left" --n 8 --out grid.png')
     _model_arg(g)
     g.add_argument("prompt")
     _sampling_args(g)
@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
 
     a = sub.add_parser("ask", help="visual question answering", formatter_class=fmt,
                        description="Answer a question about an image.",
-                       epilog='example: cm3leon ask --model runs/quickstart/model photo.png "what color is the circle?"')
+                       epilog="example: cm3leon ask --model runs/quickstart/model photo.png "
+                              '"what color is the circle?"')
     _model_arg(a)
     a.add_argument("image")
     a.add_argument("question")
@@ -102,7 +103,8 @@ def register(sub: Any) -> None:
     i = sub.add_parser("infill", help="fill <mask> in a caption of an image (CM3 infilling)", formatter_class=fmt,
                        description="Fill the first '<mask>' of a text that describes an image: the prompt is "
                                    "'<eos> text-with-<mask:0> <break> IMAGE <infill>' (paper §2.2).",
-                       epilog='example: cm3leon infill --model runs/quickstart/model photo.png "a <mask> at the top left"')
+                       epilog="example: cm3leon infill --model runs/quickstart/model photo.png "
+                              '"a <mask> at the top left"')
     _model_arg(i)
     i.add_argument("image")
     i.add_argument("text", help="text containing the literal marker <mask>")
@@ -140,8 +142,8 @@ def _generate(args: argparse.Namespace) -> int:
     _check_common(args)
     pipe = _load(args)
     res = pipe.generate_image(args.prompt, n=args.n, guidance=args.guidance, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, cd_alpha=args.cd_alpha, mode=args.mode,
-                              retrieve=args.retrieve, rerank=args.rerank, seed=args.seed)
+                              top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, cd_alpha=args.cd_alpha,
+                              mode=args.mode, retrieve=args.retrieve, rerank=args.rerank, seed=args.seed)
     if res.retrieved:
         print("retrieved:", " | ".join(res.retrieved))
     if res.scores:

@@ -56,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     print(f"\nreport: {args.out}/report.html  ({args.out}/report.json)")
     for row in report["metrics"]:
-        tgt = "" if row["target"] is None else f"  (target {row['target']:.2f}: {'ok' if row['meets_target'] else 'MISSED'})"
+        tgt = ("" if row["target"] is None
+               else f"  (target {row['target']:.2f}: {'ok' if row['meets_target'] else 'MISSED'})")
         pre = "" if row["pretrained"] is None else f"  pretrained-only {row['pretrained']:.3f}"
         print(f"  {row['task']:8s} {row['metric']:30s} {row['sft']:.3f}{pre}{tgt}")
     print(f"stage seconds: {json.dumps({k: round(v, 1) for k, v in report['stage_seconds'].items()})}")

@@ -91,7 +91,8 @@ def _add_train_encoder(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="cm3leon dataset directory (caption-image records)")
     p.add_argument("--out", required=True, help="output encoder directory")
-    p.add_argument("--text-tokenizer", help="text tokenizer dir (default: train one on the captions, saved inside --out)")
+    p.add_argument("--text-tokenizer",
+                   help="text tokenizer dir (default: train one on the captions, saved inside --out)")
     p.add_argument("--text-vocab-size", type=int, default=512, help="BPE size when training a tokenizer (default 512)")
     p.add_argument("--steps", type=int, default=250, help="optimizer steps (default 250, ~2 CPU minutes)")
     p.add_argument("--batch-size", type=int, default=256, help="pairs per step = in-batch negatives (default 256)")
@@ -300,7 +301,8 @@ def _run_search(args: argparse.Namespace) -> int:
     else:
         t = enc.embed_text([args.query]) if args.query else np.zeros((1, enc.dim), np.float32)
         v = enc.embed_image([image]) if image is not None else np.zeros((1, enc.dim), np.float32)
-        q = combine_embeddings(t, v, has_text=np.array([args.query is not None]), has_image=np.array([image is not None]))
+        q = combine_embeddings(t, v, has_text=np.array([args.query is not None]),
+                               has_image=np.array([image is not None]))
         scores, ids = bank.index.search(q, args.k)
         ids, scores = ids[0], scores[0]
     captions = _captions(data_dir, [int(i) for i in ids if i >= 0])

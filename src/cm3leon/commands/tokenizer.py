@@ -14,7 +14,8 @@ def _raw(text: str) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``cm3leon tokenizer train-text|train-image|convert``."""
-    p = subparsers.add_parser("tokenizer", help="train the text BPE / image VQ-GAN; convert taming/Chameleon VQ weights",
+    p = subparsers.add_parser("tokenizer",
+                              help="train the text BPE / image VQ-GAN; convert taming/Chameleon VQ weights",
                               description="Tokenizers: byte-level BPE for text, VQ-GAN for images (paper §2.1).")
     sub = p.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
     _add_train_text(sub)
@@ -87,7 +88,8 @@ def _add_train_image(sub: argparse._SubParsersAction) -> None:
         epilog=_raw("""
             examples:
               cm3leon tokenizer train-image --data data/shapes32 --preset shapes-32 --out tok/image
-              cm3leon tokenizer train-image --data data/shapes32 --preset shapes-32 --out tok/image --steps 3000 --resume
+              cm3leon tokenizer train-image --data data/shapes32 --preset shapes-32 --out tok/image \\
+                  --steps 3000 --resume
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,7 +107,8 @@ def _add_train_image(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is best on a shared CPU)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder (GPU); quantizer/decoder stay fp32")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the encoder (GPU); quantizer/decoder stay fp32")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this much time")
     p.add_argument("--perceptual-weight", type=float, default=None, help="LPIPS weight (needs --lpips-vgg/--lpips-lin)")
     p.add_argument("--lpips-vgg", default=None, help="local torchvision VGG16 weights (vgg16-397923af.pth)")
@@ -191,7 +194,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "strictly and write config.json + model.safetensors.",
         epilog=_raw("""
             examples:
-              cm3leon tokenizer convert --ckpt chameleon/tokenizer/vqgan.ckpt --config chameleon/tokenizer/vqgan.yaml --out tok/chameleon
+              cm3leon tokenizer convert --ckpt chameleon/tokenizer/vqgan.ckpt \\
+                  --config chameleon/tokenizer/vqgan.yaml --out tok/chameleon
               cm3leon tokenizer convert --ckpt logs/vqgan_imagenet_f16_16384/checkpoints/last.ckpt \\
                   --config logs/vqgan_imagenet_f16_16384/configs/model.yaml --out tok/taming-f16
             """),

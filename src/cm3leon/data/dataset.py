@@ -241,7 +241,9 @@ class DatasetWriter:
             raise ValueError(f"rows_per_part must be positive, got {rows_per_part}")
         self.out = Path(out)
         if self.out.exists() and not overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise ValueError(f"{self.out} already exists; choose another output path or pass overwrite=True (--overwrite)")
+            raise ValueError(
+                f"{self.out} already exists; choose another output path or pass overwrite=True (--overwrite)"
+            )
         if overwrite:
             check_replaceable(self.out, dataset_files)
         self.out.parent.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,8 @@ class Shards:
                 f"{tok_path} has {size} bytes but the manifest says {t} tokens ({t * itemsize} bytes); "
                 "the file is truncated or from another run, re-tokenize"
             )
-        self.tokens = np.memmap(tok_path, dtype=self.manifest.get("dtype", "uint32"), mode="r") if t else np.zeros(0, DTYPE)
+        self.tokens = (np.memmap(tok_path, dtype=self.manifest.get("dtype", "uint32"), mode="r") if t
+                       else np.zeros(0, DTYPE))
         self.offsets = self._load(OFFSETS, required=True)
         if self.offsets.shape != (n + 1,) or self.offsets[0] != 0 or self.offsets[-1] != t:
             raise ValueError(

@@ -232,7 +232,8 @@ def eval_edit(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> T
     if cfg.grid_dir:
         k = min(8, len(records))
         grid = str(save_grid([[r.image, r.meta["images"]["edit_image"], o] for r, o in zip(records[:k], outs[:k])],
-                             Path(cfg.grid_dir) / "edit.png", labels=[r.meta["edit"]["instruction"] for r in records[:k]]))
+                             Path(cfg.grid_dir) / "edit.png",
+                             labels=[r.meta["edit"]["instruction"] for r in records[:k]]))
     ex = [{"instruction": r.meta["edit"]["instruction"], "correct": bool(v.all_correct)}
           for r, v in zip(records[:8], verdicts[:8])]
     return TaskResult("edit", m, ex, grid, time.perf_counter() - t0)
@@ -285,7 +286,9 @@ def eval_ground(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) ->
     return TaskResult("ground", m, [], grid, time.perf_counter() - t0)
 
 
-def run_eval(pipe: CM3Leon, records: Sequence[DocRecord], tasks: Sequence[str], cfg: EvalConfig) -> dict[str, TaskResult]:
+def run_eval(
+    pipe: CM3Leon, records: Sequence[DocRecord], tasks: Sequence[str], cfg: EvalConfig
+) -> dict[str, TaskResult]:
     """Run the named tasks on ``records`` (Shapes records with full annotations)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

@@ -141,7 +141,9 @@ def decode_streams(
     allowed = allowed.to(device)
     if cd_rows is not None:
         if cd_rows.shape != (B,) or cd_rows.dtype != torch.bool:
-            raise ValueError(f"cd_rows must be Bool[{B}] (one flag per sample row), got {cd_rows.dtype}{list(cd_rows.shape)}")
+            raise ValueError(
+                f"cd_rows must be Bool[{B}] (one flag per sample row), got {cd_rows.dtype}{list(cd_rows.shape)}"
+            )
         cd_rows = cd_rows.to(device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     # Guide and sample inside the window of allowed ids (ids outside it are -inf anyway): the

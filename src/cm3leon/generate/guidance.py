@@ -125,7 +125,9 @@ def next_token_scores(
 
 
 # ---- stream construction ---------------------------------------------------------------
-def unconditional_prompt(ids: list[int], vocab: Vocab, *, mask_images: bool = False, query_only: bool = True) -> list[int]:
+def unconditional_prompt(
+    ids: list[int], vocab: Vocab, *, mask_images: bool = False, query_only: bool = True
+) -> list[int]:
     """The unconditional stream of a prompt: each text segment replaced by one sentinel.
 
     ``<eos> caption <break>`` becomes ``<eos> <mask:0> <break>``. Several masked segments

@@ -89,7 +89,9 @@ class SamplingConfig:
         if not 0.0 < self.cd_alpha <= 1.0:
             raise ValueError(f"SamplingConfig.cd_alpha must be in (0, 1], got {self.cd_alpha}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingConfig.repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+            raise ValueError(
+                f"SamplingConfig.repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}"
+            )
         if self.no_repeat_ngram < 0:
             raise ValueError(f"SamplingConfig.no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}")
 

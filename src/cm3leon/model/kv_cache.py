@@ -214,7 +214,9 @@ def _next_image_idx(model: Transformer, ids: Tensor, cache: KVCache) -> Tensor |
     return nxt[:, None]  # (B, 1)
 
 
-def _decode_static(model: Transformer, ids: Tensor, cache: KVCache, head_window: tuple[int, int] | None = None) -> Tensor:
+def _decode_static(
+    model: Transformer, ids: Tensor, cache: KVCache, head_window: tuple[int, int] | None = None
+) -> Tensor:
     """:func:`decode_one_token` with static shapes: the slot is a tensor, the whole buffer is attended."""
     slot = cache.slot
     cache.valid.index_fill_(1, slot, True)

@@ -305,7 +305,8 @@ class DualEncoder(Encoder):
         model = DualEncoderModel(cfg)
         state = load_file(str(d / WEIGHTS_FILE))
         expected = model.state_dict()
-        bad = {k for k in expected if k not in state or state[k].shape != expected[k].shape} | (set(state) - set(expected))
+        bad = {k for k in expected if k not in state or state[k].shape != expected[k].shape}
+        bad |= set(state) - set(expected)
         if bad:
             raise ValueError(f"{d / WEIGHTS_FILE} does not match the encoder config: keys {sorted(bad)[:5]}")
         model.load_state_dict(state, strict=True)
@@ -358,7 +359,9 @@ def train_dual_encoder(
     if len(texts) != len(images):
         raise ValueError(f"got {len(texts)} captions for {len(images)} images")
     if negatives is not None and len(negatives) != len(texts):
-        raise ValueError(f"got hard negatives for {len(negatives)} pairs but {len(texts)} pairs; give one list per pair")
+        raise ValueError(
+            f"got hard negatives for {len(negatives)} pairs but {len(texts)} pairs; give one list per pair"
+        )
     if len(texts) < 2:
         raise ValueError("need at least 2 caption-image pairs to train the encoder")
     cfg = cfg or DualEncoderConfig(vocab_size=tokenizer.vocab_size)
@@ -404,7 +407,8 @@ def train_dual_encoder(
         hard = None
         count = neg_count[idx] if neg_count is not None else None
         if neg_ids is not None and bool((count > 0).any()):
-            pick = neg_start[idx] + (torch.rand(len(idx), generator=gen) * count).long().clamp_max((count - 1).clamp_min(0))
+            draw = (torch.rand(len(idx), generator=gen) * count).long()
+            pick = neg_start[idx] + draw.clamp_max((count - 1).clamp_min(0))
             hard = model.encode_text(neg_ids[pick[count > 0]].to(device))
         loss = contrastive_loss(t, v, model.logit_scale, (cls[:, None] == cls[None, :]).to(device), hard)
         for g in opt.param_groups:
@@ -417,10 +421,12 @@ def train_dual_encoder(
             steps.set_postfix(loss=f"{losses[-1]:.3f}")  # type: ignore[union-attr]
     model.eval()
     enc.info = {
-        "train": {**asdict(tc), "pairs": len(texts), "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+        "train": {**asdict(tc), "pairs": len(texts), "first_loss": losses[0],
+                  "final_loss": float(np.mean(losses[-10:])),
                   "hard_negatives": 0 if neg_count is None else int(neg_count.sum())}
     }
-    log.info("trained %s on %d pairs: loss %.3f -> %.3f", enc.name, len(texts), losses[0], enc.info["train"]["final_loss"])
+    log.info("trained %s on %d pairs: loss %.3f -> %.3f", enc.name, len(texts), losses[0],
+             enc.info["train"]["final_loss"])
     return enc
 
 

@@ -87,7 +87,9 @@ class Document:
             elif kind is Kind.IMAGE:
                 segs.append(ImageSegment(tuple(vocab.ids_to_codes(run))))
             else:
-                raise ValueError(f"segment mixes modalities or holds specials: {[vocab.token_name(i) for i in run[:8]]}")
+                raise ValueError(
+                    f"segment mixes modalities or holds specials: {[vocab.token_name(i) for i in run[:8]]}"
+                )
         return cls(tuple(segs))
 
 

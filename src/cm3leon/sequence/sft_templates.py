@@ -101,7 +101,9 @@ class TaskTemplate:
         return tuple(dict.fromkeys(out))
 
 
-def _task(name: str, source: str, *variants: Sequence[Slot | str], target: str, target_end: str | None = None) -> TaskTemplate:
+def _task(
+    name: str, source: str, *variants: Sequence[Slot | str], target: str, target_end: str | None = None
+) -> TaskTemplate:
     """A TaskTemplate from variants written as segment lists (str = text, ``"<image:f>"`` = image slot)."""
     def slot(s: Slot | str) -> Slot:
         if isinstance(s, str):
@@ -113,7 +115,8 @@ def _task(name: str, source: str, *variants: Sequence[Slot | str], target: str, 
 
 
 def _control(name: str, source: str, feature: str) -> TaskTemplate:
-    return _task(name, source, [f"Make high quality image from {feature}", "<image:condition>", "{caption}", "<image:image>"],
+    return _task(name, source,
+                 [f"Make high quality image from {feature}", "<image:condition>", "{caption}", "<image:image>"],
                  target="image")
 
 

@@ -161,13 +161,18 @@ class ImageGenerationRequest(_Strict):
     response_format: str = Field("b64_json", description="only 'b64_json' (PNG, base64)")
     size: str | None = Field(None, pattern=r"^\d+x\d+$", description="'RxR'; must be the model's resolution")
     model: str | None = Field(None, description="accepted for OpenAI clients and ignored: one model is served")
-    guidance: float | None = Field(None, ge=0.0, le=100.0, description="classifier-free guidance scale (1 = off; default: the model's generation_config.json)")
+    guidance: float | None = Field(None, ge=0.0, le=100.0,
+                                   description="classifier-free guidance scale "
+                                   "(1 = off; default: the model's generation_config.json)")
     temperature: float | None = Field(None, gt=0.0, le=10.0, description="default: the model's generation_config.json")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's generation_config.json")
     top_k: int | None = Field(None, ge=1)
     cd_k: int | None = Field(None, ge=1, description="contrastive decoding top-K (paper Eq. 3); None = off")
-    retrieve: int | None = Field(None, ge=0, le=2, description="retrieved documents prepended to the prompt (default: the model's generation_config.json)")
-    rerank: bool | None = Field(None, description="order the n images by CLIP score, best first (default: the model's generation_config.json)")
+    retrieve: int | None = Field(None, ge=0, le=2,
+                                 description="retrieved documents prepended to the prompt "
+                                 "(default: the model's generation_config.json)")
+    rerank: bool | None = Field(None, description="order the n images by CLIP score, best first "
+                                "(default: the model's generation_config.json)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1,
                              description="fixes the result; seeded requests are never merged with others")
 
@@ -188,8 +193,10 @@ class EditForm(_Strict):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="the edit instruction")
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: str = "b64_json"
-    image_guidance: float | None = Field(None, ge=0.0, le=100.0, description="default: the model's generation_config.json")
-    text_guidance: float | None = Field(None, ge=0.0, le=100.0, description="default: the model's generation_config.json")
+    image_guidance: float | None = Field(None, ge=0.0, le=100.0,
+                                         description="default: the model's generation_config.json")
+    text_guidance: float | None = Field(None, ge=0.0, le=100.0,
+                                        description="default: the model's generation_config.json")
     temperature: float | None = Field(None, gt=0.0, le=10.0, description="default: the model's generation_config.json")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's generation_config.json")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

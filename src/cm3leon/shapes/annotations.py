@@ -118,8 +118,8 @@ def make_reasoning(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
         items.append({
             "question": "If one object were removed, how many objects would remain?", "context": "",
             "options": [str(v) for v in range(max(0, n - 2), n + 2)],
-            "explanation": f"There are {NUMBER_WORDS[n]} objects; removing one leaves {NUMBER_WORDS.get(n - 1, str(n - 1))}."
-            if n - 1 > 0 else "",
+            "explanation": (f"There are {NUMBER_WORDS[n]} objects; removing one leaves "
+                            f"{NUMBER_WORDS.get(n - 1, str(n - 1))}.") if n - 1 > 0 else "",
             "answer": str(n - 1),
         })
     return items[int(rng.integers(len(items)))]

@@ -84,7 +84,8 @@ _CAPTION_RE = re.compile(
     r"(?:(?P<size>" + "|".join(_SIZE_WORDS) + r")\s+)?"
     r"(?P<color>" + "|".join(COLORS) + r")\s+"
     r"(?P<shape>" + "|".join(SHAPES) + r")(?P<plural>s)?\b"
-    r"(?:\s+(?:at|on|in)\s+the\s+(?P<pos>top left|top right|bottom left|bottom right|top|bottom|left|right|center|centre|middle))?"
+    r"(?:\s+(?:at|on|in)\s+the\s+"
+    r"(?P<pos>top left|top right|bottom left|bottom right|top|bottom|left|right|center|centre|middle))?"
 )
 
 

@@ -274,7 +274,9 @@ def _as_specs(prompt: str | Sequence[ObjectSpec | dict[str, Any]]) -> list[Objec
     if isinstance(prompt, str):
         specs = parse_caption(prompt)
         if not specs:
-            raise ValueError(f"no Shapes objects found in prompt {prompt!r}; write e.g. 'a red circle and a blue square'")
+            raise ValueError(
+                f"no Shapes objects found in prompt {prompt!r}; write e.g. 'a red circle and a blue square'"
+            )
         return specs
     out = []
     for p in prompt:

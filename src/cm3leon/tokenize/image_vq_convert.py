@@ -78,7 +78,9 @@ def detect_source(sd: Mapping[str, torch.Tensor]) -> str:
     return "taming"
 
 
-def load_converted(model: ImageTokenizer, sd: Mapping[str, torch.Tensor], *, src: str, source: str = "checkpoint") -> None:
+def load_converted(
+    model: ImageTokenizer, sd: Mapping[str, torch.Tensor], *, src: str, source: str = "checkpoint"
+) -> None:
     """Load a ``src`` state dict into ``model`` strictly (the decoder may be absent for ``hf_chameleon``)."""
     conv = convert_state_dict(sd, src)
     if src == "hf_chameleon":
@@ -201,7 +203,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def convert_checkpoint(ckpt: str | Path, config: str | Path, out_dir: str | Path, *, src: str | None = None) -> ImageTokenizer:
+def convert_checkpoint(
+    ckpt: str | Path, config: str | Path, out_dir: str | Path, *, src: str | None = None
+) -> ImageTokenizer:
     """Read released weights + their config, load them strictly, write ``out_dir`` in our format."""
     cfg, implied = read_config(config)
     sd = read_checkpoint(ckpt)

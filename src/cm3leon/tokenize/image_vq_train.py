@@ -421,7 +421,8 @@ def _train(model_cfg: VQConfig, cfg: VQTrainConfig, train_images: torch.Tensor, 
         "n_train_images": int(len(train_images)),
         "tokens_per_image": model_cfg.tokens_per_image,
         "codebook_size": model_cfg.codebook_size,
-        **{f"val_{k}": v for k, v in evaluate(model, val_images, batch_size=cfg.eval_batch_size, device=device).items()},
+        **{f"val_{k}": v
+           for k, v in evaluate(model, val_images, batch_size=cfg.eval_batch_size, device=device).items()},
     }
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")

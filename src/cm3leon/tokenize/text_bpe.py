@@ -92,9 +92,12 @@ class TextTokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt, re-save the tokenizer") from e
         if not isinstance(cfg, dict) or cfg.get("kind") != KIND:
-            raise ValueError(f"{cfg_path} does not describe a {KIND} tokenizer (kind={cfg.get('kind') if isinstance(cfg, dict) else None!r})")
+            kind = cfg.get("kind") if isinstance(cfg, dict) else None
+            raise ValueError(f"{cfg_path} does not describe a {KIND} tokenizer (kind={kind!r})")
         if cfg.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} (expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"{cfg_path}: unsupported format_version {cfg.get('format_version')!r} (expected {FORMAT_VERSION})"
+            )
         try:
             tok = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON

@@ -173,7 +173,8 @@ def save_checkpoint(
     opt_tensors, groups = flatten_optimizer(optimizer_state)
     rng_js, rng_tensors = capture_rng()
     meta = {"format": FORMAT, "version": str(VERSION)}
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"), metadata=meta)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
+              metadata=meta)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
     save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata=meta)
     full_state = {"format": FORMAT, "version": VERSION, **state, "step": step,

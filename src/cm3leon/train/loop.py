@@ -507,7 +507,9 @@ class _Trainer:
         elif init_from is not None:
             base = load_config(init_from)
             if base != self.model_cfg:
-                raise ValueError(f"--base {init_from} holds a {base} model but the run config asks for {self.model_cfg}")
+                raise ValueError(
+                    f"--base {init_from} holds a {base} model but the run config asks for {self.model_cfg}"
+                )
             weights = read_safetensors(Path(init_from) / "model.safetensors")
             check_state_dict(expected, weights, source=str(Path(init_from) / "model.safetensors"))
             model.load_state_dict(weights, strict=True)
@@ -532,7 +534,8 @@ class _Trainer:
                 ctx.world_size, ctx.device,
             )
             if ckpt is None:
-                self.metrics.write({"split": "baseline", "step": 0, **unigram_entropy(self.data, self.vocab, cfg.unigram_samples)})
+                entropy = unigram_entropy(self.data, self.vocab, cfg.unigram_samples)
+                self.metrics.write({"split": "baseline", "step": 0, **entropy})
         self.baseline = {k: v for r in self.metrics.read() if r.get("split") == "baseline" for k, v in r.items()}
         return self._loop(tmodel, optim, plan, step, consumed, tokens, until_step, progress, latest)
 
@@ -593,7 +596,8 @@ class _Trainer:
             for (s, *_), loss, gn in zip(pending, losses, norms):
                 if not (math.isfinite(loss) and math.isfinite(gn)):
                     what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    where = f"the last good checkpoint {last_ckpt} is kept" if last_ckpt else "no checkpoint was written"
+                    where = (f"the last good checkpoint {last_ckpt} is kept" if last_ckpt
+                             else "no checkpoint was written")
                     raise NonFiniteLossError(
                         f"training stopped: the {what} became non-finite ({loss if what == 'loss' else gn}) at step "
                         f"{s + 1}; {where}. Lower the learning rate (train.lr={cfg.lr}) or check the data, then "
@@ -693,7 +697,8 @@ class _Trainer:
                     t_last, tokens_last = time.perf_counter(), tokens
             log_line(step)
             bar.close()
-            last_ckpt = save(step) if (last_ckpt is None or last_ckpt.name != ckpt_io.step_dir_name(step)) else last_ckpt
+            if last_ckpt is None or last_ckpt.name != ckpt_io.step_dir_name(step):
+                last_ckpt = save(step)
         model_dir = None
         if step >= cfg.steps:
             val = do_eval(step) or val

@@ -3,8 +3,9 @@
 A recipe is a function of an optional step budget that returns a complete
 :class:`RunConfig`; ``cm3leon train|sft --recipe NAME`` and the quickstart call the same
 functions (the quickstart adds only workspace paths, the seed and the device). A recipe
-whose model has the image-place embedding gets its sizes from the data's image tokenizer. Each ``recipes/NAME.json`` file is the
-recipe's default config, written by ``cm3leon train --recipe NAME --print-config``.
+whose model has the image-place embedding gets its sizes from the data's image tokenizer. Each
+``recipes/NAME.json`` file is the recipe's default config, written by
+``cm3leon train --recipe NAME --print-config``.
 
 Data paths follow the quickstart's workspace layout (``cm3leon quickstart --out WS``):
 ``WS/shards/pretrain`` and ``WS/sft_shards/sft`` hold the tokenized shards, ``WS/pretrain``
