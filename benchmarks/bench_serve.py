@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model fixture lives with the tests
-from serve_fixtures import build_tiny_model_dir, free_port  # noqa: E402
+from helpers import build_tiny_model_dir, free_port  # noqa: E402
 
 
 def _percentile(xs: list[float], q: float) -> float:

@@ -1,8 +1,8 @@
-"""Shared fixtures."""
+"""Shared fixtures (shared helpers live in tests/helpers.py)."""
 
 import pytest
 
-from test_train_synth import one_thread
+from helpers import one_thread
 
 
 @pytest.fixture(scope="module")

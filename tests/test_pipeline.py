@@ -11,7 +11,7 @@ from PIL import Image
 
 from cm3leon.generate.guidance import unconditional_prompt
 from cm3leon.pipeline import CM3Leon
-from serve_fixtures import build_tiny_model_dir
+from helpers import build_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

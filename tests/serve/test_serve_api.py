@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from cm3leon.pipeline import CM3Leon  # noqa: E402
 from cm3leon.serve.app import ServeConfig, create_app  # noqa: E402
 from cm3leon.serve.batcher import BatcherConfig, DynamicBatcher, QueueFullError  # noqa: E402
-from serve_fixtures import build_tiny_model_dir, live_server  # noqa: E402
+from helpers import build_tiny_model_dir, live_server  # noqa: E402
 
 RES = 16  # the tiny model's image size
 

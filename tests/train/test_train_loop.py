@@ -29,7 +29,7 @@ from cm3leon.train.loop import (
     unigram_entropy,
 )
 from cm3leon.train.parallelize import DistContext
-from test_train_synth import VOCAB, SynthData, one_thread, tiny_model_config
+from helpers import VOCAB, SynthData, one_thread, tiny_model_config
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"), "none")
 

@@ -12,7 +12,7 @@ from cm3leon.config import MODEL_PRESETS
 from cm3leon.train.config import DataConfig, RunConfig, TrainConfig
 from cm3leon.train.recipes import RECIPES, get_recipe
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_warmup_then_linear_decay_to_min_lr():

@@ -14,7 +14,7 @@ from cm3leon.model.transformer import Transformer
 from cm3leon.train import checkpoint as ck
 from cm3leon.train.config import TrainConfig
 from cm3leon.train.loop import train
-from test_train_synth import VOCAB, SynthData, one_thread, tiny_model_config
+from helpers import VOCAB, SynthData, one_thread, tiny_model_config
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_fixtures import build_tiny_model_dir, free_port
+from helpers import build_tiny_model_dir, free_port
 
 CHROMIUM = os.environ.get("CM3LEON_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -17,7 +17,7 @@ from cm3leon.generate.generation_config import (
 )
 from cm3leon.generate.logits import SamplingConfig
 from cm3leon.pipeline import CM3Leon
-from serve_fixtures import build_tiny_model_dir
+from helpers import build_tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

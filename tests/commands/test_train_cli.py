@@ -13,7 +13,7 @@ from cm3leon.model.io import load_model
 from cm3leon.train.config import DataConfig, RunConfig, TrainConfig
 from cm3leon.train.recipes import RECIPES
 from cm3leon.vocab import Vocab
-from test_train_synth import VOCAB, SynthData, one_thread
+from helpers import VOCAB, SynthData, one_thread
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 same global batch. Tolerance: rtol 1e-5 per step (measured: 8e-8; only float summation order differs: the
 gradient all-reduce adds the two ranks' partial sums in another order).
 
-This file is also the worker script: ``torchrun ... tests/test_distributed.py OUT STRATEGY``.
+This file is also the worker script: ``torchrun ... tests/train/test_distributed.py OUT STRATEGY``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the helpers module
 from cm3leon.train.config import TrainConfig  # noqa: E402
 from cm3leon.train.loop import train  # noqa: E402
-from test_train_synth import VOCAB, SynthData, one_thread, tiny_model_config  # noqa: E402
+from helpers import VOCAB, SynthData, one_thread, tiny_model_config  # noqa: E402
 
 
 def run_config(strategy: str, micro: int) -> TrainConfig:

@@ -1,8 +1,13 @@
-"""A tiny random CM3Leon model directory for the server tests and the serving benchmark.
+"""Helpers shared by the test modules (``pythonpath = ["tests"]`` in pyproject.toml makes this
+module importable from every test folder, and from benchmarks that put ``tests/`` on sys.path).
 
-Random weights generate random images and text: enough to exercise every endpoint, the
-batcher and the web page without a trained model. Built with the public constructors
-only (text BPE, VQ-GAN, decoder, in-house retrieval encoder) and ``CM3Leon.assemble``.
+- Trainer tests: :func:`one_thread`, the synthetic dataset :class:`SynthData` over the small
+  vocabulary :data:`VOCAB`, and :func:`tiny_model_config`.
+- Pipeline, CLI and server tests: :func:`build_tiny_model_dir`, a tiny random CM3Leon model
+  directory (random weights generate random images and text: enough to exercise every task,
+  endpoint, the batcher and the web page without a trained model; built with the public
+  constructors only: text BPE, VQ-GAN, decoder, in-house retrieval encoder and
+  ``CM3Leon.assemble``), :func:`free_port` and :func:`live_server`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,60 @@ from cm3leon.retrieval.encoder import DualEncoder, DualEncoderConfig, DualEncode
 from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig
 from cm3leon.tokenize.text_bpe import TextTokenizer
 from cm3leon.vocab import Vocab
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and shared cores make extra threads very slow)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- trainer tests
+
+VOCAB = Vocab(text_size=20, image_size=16, image_seq_len=8)
+
+
+def tiny_model_config(**kw: Any) -> ModelConfig:
+    """A 2-layer, 32-wide decoder over :data:`VOCAB`; ``kw`` overrides any field."""
+    base = dict(vocab_size=VOCAB.size, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+class SynthData:
+    """``<eos> text <break> IMAGE <pad>...``: the image codes follow from the first text id, so the
+    image tokens are learnable from context. ``__getitem__(i)`` depends only on (seed, i)."""
+
+    def __init__(self, n: int = 24, seq_len: int = 24, seed: int = 0, delay: float = 0.0) -> None:
+        self.n, self.T, self.seed, self.delay = n, seq_len, seed, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        if self.delay:
+            time.sleep(self.delay)
+        v = VOCAB
+        g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+        k = int(torch.randint(2, 6, (1,), generator=g))
+        text = torch.randint(0, v.text_size, (k,), generator=g)
+        codes = (text[0] + torch.arange(v.image_seq_len)) % v.image_size
+        ids = [v.eos_id, *v.text_to_ids(text.tolist()), v.break_id, *v.codes_to_ids(codes.tolist())][: self.T]
+        out = torch.full((self.T,), v.pad_id, dtype=torch.long)
+        out[: len(ids)] = torch.tensor(ids)
+        labels = out.clone()
+        labels[len(ids) :] = -100
+        return {"ids": out, "labels": labels}
+
+
+# ---------------------------------------------------------------- a tiny model directory
 
 TEXTS = [
     "a red circle at the top left",
