@@ -86,12 +86,29 @@ def test_layout_retrieved_then_query_each_cm3(shards: Shards) -> None:
 
 def test_images_never_cut_and_spans_inside_segments(shards: Shards) -> None:
     ds = PretrainDataset(shards, seq_len=70, seed=0, cm3=CM3Config(poisson_lambda=2.0))
+    images = spans = 0
     for i in range(len(ds)):
         w = window_of(ds[i])
         for d in docs_of(w):
             for kind, s, e in segment_ranges(d, V):
                 if kind is Kind.IMAGE:
                     assert e - s == V.image_seq_len
+                    images += 1
+        for d in split_documents(w, V):  # as trained: each span follows an <infill> in the tail
+            for span in _split(d, V.infill_id)[1:]:
+                assert {V.kind(t) for t in span} in ({Kind.TEXT}, {Kind.IMAGE}), [V.token_name(t) for t in span]
+                spans += 1
+    assert images > 0 and spans > 0  # both properties were exercised
+
+
+def _split(ids: list[int], sep: int) -> list[list[int]]:
+    out: list[list[int]] = [[]]
+    for t in ids:
+        if t == sep:
+            out.append([])
+        else:
+            out[-1].append(t)
+    return out
 
 
 def test_deterministic_by_seed_and_index(tmp_path: Path, shards: Shards) -> None:

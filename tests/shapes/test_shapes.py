@@ -347,7 +347,9 @@ def test_snapped_world_keeps_every_position_and_sprites_on_the_grid():
 def test_shapes_dataset_matches_make_example_and_ignores_worker_count(tmp_path: Path):
     a = write_shapes_dataset(tmp_path / "a", 45, size=32, seed=5, workers=1, chunk=10)
     b = write_shapes_dataset(tmp_path / "b", 45, size=32, seed=5, workers=2, chunk=7)
-    for pa_, pb in zip(sorted(a.glob("*.parquet")), sorted(b.glob("*.parquet"))):
+    parts_a, parts_b = sorted(a.glob("*.parquet")), sorted(b.glob("*.parquet"))
+    assert parts_a and [p.name for p in parts_a] == [p.name for p in parts_b]
+    for pa_, pb in zip(parts_a, parts_b):
         assert pa_.read_bytes() == pb.read_bytes()
     ds = Dataset(a)
     assert len(ds) == 45 and ds.tasks == {t: 45 for t in TASKS}
