@@ -20,6 +20,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """Invalid config values: one message per problem (field, value, what is allowed), all in one error."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        self.what, self.problems = what, list(problems)
+        super().__init__(f"invalid {what}: " + "; ".join(self.problems))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer shape (paper §2.3, Table 3).
@@ -50,20 +58,40 @@ class ModelConfig:
     image_axial: bool = False
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
-        if (self.image_tokens > 0) != (self.image_vocab > 0) or self.image_tokens < 0 or self.image_vocab < 0:
-            raise ValueError("image_tokens and image_vocab must both be 0 (off) or both positive, got "
-                             f"{self.image_tokens} and {self.image_vocab}")
-        if self.image_axial and (not self.image_tokens or math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
-            raise ValueError(f"image_axial needs image_tokens to be a square number (a square image grid), "
-                             f"got image_tokens={self.image_tokens}")
-        if self.image_vocab >= self.vocab_size:
-            raise ValueError(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
-        if self.vocab_size <= 0 or self.max_seq_len <= 0:
-            raise ValueError("vocab_size and max_seq_len must be positive")
+        problems = self.field_problems(dataclasses.asdict(self))
+        if not problems:  # the relations between fields, once each field has a usable value
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            if (self.image_tokens > 0) != (self.image_vocab > 0):
+                problems.append("image_tokens and image_vocab must both be 0 (off) or both positive, got "
+                                f"{self.image_tokens} and {self.image_vocab}")
+            if self.image_axial and (not self.image_tokens or math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
+                problems.append("image_axial needs image_tokens to be a square number (a square image grid), "
+                                f"got image_tokens={self.image_tokens}")
+            if self.image_vocab >= self.vocab_size:
+                problems.append(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
+        if problems:
+            raise ConfigError("ModelConfig", problems)
+
+    @staticmethod
+    def field_problems(d: dict[str, Any]) -> list[str]:
+        """One message per value of ``d`` (field name -> value) that has the wrong type or range;
+        fields ``d`` does not name are not checked, relations between fields are not checked."""
+        checks = {
+            "vocab_size": lambda v: int_problem("vocab_size", v, low=1),
+            "d_model": lambda v: int_problem("d_model", v, low=1),
+            "n_layers": lambda v: int_problem("n_layers", v, low=1),
+            "n_heads": lambda v: int_problem("n_heads", v, low=1),
+            "d_ff": lambda v: int_problem("d_ff", v, low=1, optional=True),
+            "max_seq_len": lambda v: int_problem("max_seq_len", v, low=1),
+            "activation": lambda v: choice_problem("activation", v, ("relu", "gelu")),
+            "init_std": lambda v: number_problem("init_std", v, low=0.0),
+            "pos_init_std": lambda v: number_problem("pos_init_std", v, low=0.0),
+            "image_tokens": lambda v: int_problem("image_tokens", v, low=0),
+            "image_vocab": lambda v: int_problem("image_vocab", v, low=0),
+            "image_axial": lambda v: bool_problem("image_axial", v),
+        }
+        return [msg for k, v in d.items() if k in checks and (msg := checks[k](v))]
 
     @property
     def ffn_dim(self) -> int:
@@ -81,6 +109,8 @@ class ModelConfig:
         ``image_rope_pairs_only`` and ``image_copy_bias`` name options this decoder does not
         have: they are dropped when off (0 / false) and refused otherwise.
         """
+        if not isinstance(d, dict):
+            raise ValueError(f"ModelConfig: a model config must be a JSON object, got {json_type(d)}")
         absent = {"image_rope_dims": 0, "image_rope_pairs_only": False, "image_copy_bias": False}
         on = {k: d[k] for k, off in absent.items() if d.get(k, off) != off}
         if on:
@@ -95,7 +125,8 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
         kw = dict(MODEL_PRESETS[name])
         kw.update(overrides)
-        return cls(vocab_size=vocab_size, **kw)
+        kw["vocab_size"] = vocab_size
+        return from_json_dict(cls, kw)
 
 
 # Paper Table 3 (350M / 760M / 7B at seq 4096) and small CPU presets.
@@ -114,23 +145,104 @@ def to_json_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_json_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a dict, refusing unknown fields with a clear message."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    """Build dataclass ``cls`` from a dict, refusing unknown and missing fields with a clear message."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object with its fields, got {json_type(d)}")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = {f.name for f in fields}
     unknown = set(d) - names
     if unknown:
         raise ValueError(
-            f"{cls.__name__}: unknown fields {sorted(unknown)} (known: {sorted(names)}); "
+            f"{cls.__name__}: unknown fields {sorted(unknown, key=str)} (known: {sorted(names)}); "
             "the config was written by a different version or for a different component"
         )
+    missing = [f.name for f in fields if f.init and f.name not in d
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{cls.__name__}: missing required fields {missing}")
     return cls(**d)
+
+
+# ---- value checks: each returns one message naming the field, the value and what is allowed, or None
+
+def json_type(v: Any) -> str:
+    """The JSON name of ``v``'s type, for messages: object, array, string, number, boolean, null."""
+    if v is None:
+        return "null"
+    for t, name in ((bool, "boolean"), (dict, "object"), ((list, tuple), "array"), (str, "string")):
+        if isinstance(v, t):
+            return name
+    return "number" if isinstance(v, (int, float)) else type(v).__name__
+
+
+def int_problem(name: str, v: Any, *, low: int | None = None, high: int | None = None,
+                optional: bool = False) -> str | None:
+    """``v`` must be an integer (not a bool, not 4.0) in ``[low, high]``; ``optional`` also allows None."""
+    if v is None and optional:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low) and (high is None or v <= high):
+        return None
+    allowed = "a whole number"
+    if low is not None and high is not None:
+        allowed += f" in {low}..{high}"
+    elif low is not None:
+        allowed += f" >= {low}"
+    elif high is not None:
+        allowed += f" <= {high}"
+    return f"{name} must be {allowed}{' or null' if optional else ''} (got {v!r})"
+
+
+def number_problem(name: str, v: Any, *, low: float | None = None, high: float | None = None,
+                   low_open: bool = False, high_open: bool = False, optional: bool = False) -> str | None:
+    """``v`` must be a finite int or float (not a bool) within the bounds (``*_open``: bound excluded)."""
+    if v is None and optional:
+        return None
+    ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if ok:
+        return None
+    if low is not None and high is not None:
+        allowed = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        allowed = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        allowed = "a finite number"
+    return f"{name} must be {allowed}{' or null' if optional else ''} (got {v!r})"
+
+
+def choice_problem(name: str, v: Any, choices: tuple[Any, ...]) -> str | None:
+    """``v`` must be one of ``choices``."""
+    if isinstance(v, str) and v in choices:
+        return None
+    return f"{name} must be one of {list(choices)} (got {v!r})"
+
+
+def bool_problem(name: str, v: Any) -> str | None:
+    """``v`` must be true or false."""
+    return None if isinstance(v, bool) else f"{name} must be true or false (got {v!r})"
+
+
+def str_problem(name: str, v: Any, *, optional: bool = False) -> str | None:
+    """``v`` must be a non-empty string (``optional``: or None)."""
+    if (v is None and optional) or (isinstance(v, str) and v):
+        return None
+    return f"{name} must be a non-empty string{' or null' if optional else ''} (got {v!r})"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a uniquely named temp file + rename (never half a file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no temp file
 
 
 def save_json(obj: Any, path: str | Path) -> None:

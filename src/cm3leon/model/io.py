@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cm3leon.config import ModelConfig, load_json, save_json
+from cm3leon.config import ConfigError, ModelConfig, load_json, save_json
 from cm3leon.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
@@ -41,7 +41,10 @@ def load_config(model_dir: str | Path) -> ModelConfig:
             f"{path} is a Hugging Face {d['model_type']!r} config, not a cm3leon model; "
             "convert it first with `cm3leon import-hf --hf DIR --out DIR`"
         )
-    return ModelConfig.from_dict(d)
+    try:
+        return ModelConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"model config {path}", e.problems) from e
 
 
 def read_safetensors(path: str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:

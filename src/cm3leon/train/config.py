@@ -20,13 +20,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cm3leon.config import MODEL_PRESETS, from_json_dict
+from cm3leon.config import (
+    MODEL_PRESETS,
+    ConfigError,
+    ModelConfig,
+    bool_problem,
+    choice_problem,
+    from_json_dict,
+    int_problem,
+    json_type,
+    number_problem,
+    str_problem,
+)
 
 DECAYS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("none", "ddp", "fsdp2")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("pretrain", "sft")
+
+
+def _betas_problem(betas: Any) -> str | None:
+    ok = isinstance(betas, tuple) and len(betas) == 2 and all(
+        number_problem("beta", b, low=0.0, high=1.0, high_open=True) is None for b in betas)
+    return None if ok else f"betas must be two numbers in [0, 1) (got {betas!r})"
+
+
+def _run_problems(name: Any, model: Any, overrides: Any, init_from: Any) -> list[str]:
+    """The run-level fields: name, model preset, model_overrides (field names and value types), init_from."""
+    problems = [m for m in (str_problem("name", name), str_problem("init_from", init_from, optional=True)) if m]
+    if not isinstance(model, str) or model not in MODEL_PRESETS:
+        problems.append(f"unknown model preset {model!r}; choose one of {sorted(MODEL_PRESETS)}")
+    if not isinstance(overrides, dict):
+        problems.append(f"model_overrides must be an object of ModelConfig fields (got {json_type(overrides)})")
+        return problems
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    unknown = sorted(set(overrides) - known, key=str)
+    if "vocab_size" in overrides:
+        problems.append("model_overrides.vocab_size cannot be set: it is the data's vocabulary size")
+        unknown.remove("vocab_size")
+    if unknown:
+        problems.append(f"model_overrides: unknown fields {unknown} (known: {sorted(known)})")
+    problems += [f"model_overrides.{m}" for m in ModelConfig.field_problems(overrides)]
+    return problems
 
 
 @dataclass(frozen=True)
@@ -87,42 +123,42 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
-        problems = []
-        if self.steps <= 0:
-            problems.append(f"steps must be positive (got {self.steps})")
+        problems = [m for m in (
+            int_problem("steps", self.steps, low=1),
+            int_problem("batch_size", self.batch_size, low=1, optional=True),
+            int_problem("global_batch_tokens", self.global_batch_tokens, low=1, optional=True),
+            int_problem("micro_batch_size", self.micro_batch_size, low=1, optional=True),
+            number_problem("lr", self.lr, low=0.0, low_open=True)
+            and f"lr must be a positive finite number (got {self.lr!r})",
+            number_problem("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0),
+            int_problem("warmup_steps", self.warmup_steps, low=0),
+            choice_problem("decay", self.decay, DECAYS),
+            _betas_problem(self.betas),
+            number_problem("eps", self.eps, low=0.0),
+            number_problem("weight_decay", self.weight_decay, low=0.0),
+            number_problem("grad_clip", self.grad_clip, low=0.0),
+            int_problem("seed", self.seed, low=0, high=2**32 - 1),
+            int_problem("log_every", self.log_every, low=1),
+            int_problem("eval_every", self.eval_every, low=0),
+            int_problem("eval_batches", self.eval_batches, low=1),
+            int_problem("eval_batch_size", self.eval_batch_size, low=1, optional=True),
+            int_problem("ckpt_every", self.ckpt_every, low=0),
+            int_problem("keep_last", self.keep_last, low=1),
+            choice_problem("precision", self.precision, PRECISIONS),
+            choice_problem("device", self.device, DEVICES),
+            bool_problem("compile", self.compile),
+            bool_problem("activation_checkpointing", self.activation_checkpointing),
+            choice_problem("dist", self.dist, STRATEGIES),
+            int_problem("num_workers", self.num_workers, low=0),
+            int_problem("unigram_samples", self.unigram_samples, low=0),
+        ) if m]
         if (self.batch_size is None) == (self.global_batch_tokens is None):
             problems.append(
                 "give exactly one of batch_size (sequences) and global_batch_tokens "
                 f"(got batch_size={self.batch_size}, global_batch_tokens={self.global_batch_tokens})"
             )
-        for name in ("batch_size", "global_batch_tokens", "micro_batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                problems.append(f"{name} must be positive (got {v})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a positive finite number (got {self.lr})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1) (got {self.betas})")
-        for name in ("eps", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        for name in ("log_every", "eval_batches", "keep_last"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive (got {getattr(self, name)})")
-        for name in ("eval_every", "ckpt_every", "num_workers", "unigram_samples"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        for name, allowed in (
-            ("decay", DECAYS), ("precision", PRECISIONS), ("dist", STRATEGIES), ("device", DEVICES)
-        ):
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {list(allowed)} (got {getattr(self, name)!r})")
         if problems:
-            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+            raise ConfigError("TrainConfig", problems)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to ``min_lr``."""
@@ -185,10 +221,20 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in DATA_KINDS:
-            raise ValueError(f"data.kind must be one of {list(DATA_KINDS)} (got {self.kind!r})")
-        if self.seq_len <= 0:
-            raise ValueError(f"data.seq_len must be positive (got {self.seq_len})")
+        problems = [m for m in (
+            str_problem("data.train", self.train),
+            str_problem("data.val", self.val, optional=True),
+            choice_problem("data.kind", self.kind, DATA_KINDS),
+            int_problem("data.seq_len", self.seq_len, low=1),
+            None if isinstance(self.options, dict)
+            else f"data.options must be an object of dataset options (got {self.options!r})",
+        ) if m]
+        if problems:
+            raise ConfigError("DataConfig", problems)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        return from_json_dict(cls, d)
 
 
 @dataclass(frozen=True)
@@ -207,8 +253,9 @@ class RunConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {self.model!r}; choose one of {sorted(MODEL_PRESETS)}")
+        problems = _run_problems(self.name, self.model, self.model_overrides, self.init_from)
+        if problems:
+            raise ConfigError("run config", problems)
 
     # ---- JSON ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -231,13 +278,25 @@ class RunConfig:
         for req in ("name", "model", "train", "data"):
             if req not in d:
                 raise ValueError(f"run config: missing field {req!r}")
+        # every problem of every section in one error
+        problems = _run_problems(d["name"], d["model"], d.get("model_overrides") or {}, d.get("init_from"))
+        parts: dict[str, Any] = {}
+        for section, build in (("train", TrainConfig.from_dict), ("data", DataConfig.from_dict)):
+            try:
+                parts[section] = build(d[section])
+            except ConfigError as e:
+                problems += [m if m.startswith(f"{section}.") else f"{section}.{m}" for m in e.problems]
+            except ValueError as e:
+                problems.append(f"{section}: {e}")
+        if problems:
+            raise ConfigError("run config", problems)
         return cls(
             name=d["name"],
             model=d["model"],
             model_overrides=dict(d.get("model_overrides") or {}),
             init_from=d.get("init_from"),
-            train=TrainConfig.from_dict(d["train"]),
-            data=from_json_dict(DataConfig, d["data"]),
+            train=parts["train"],
+            data=parts["data"],
         )
 
     def to_json(self) -> str:
