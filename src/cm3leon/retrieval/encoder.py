@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cm3leon.config import from_json_dict
@@ -285,9 +285,9 @@ class DualEncoder(Encoder):
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(d / TOKENIZER_DIR)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = d / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(d / WEIGHTS_FILE)
+        from cm3leon.model.io import write_safetensors  # a failed write (disk full): one-line WriteError
+
+        write_safetensors(state, d / WEIGHTS_FILE, what="the encoder weights")
         write_encoder_json(
             d, {"type": "dual", "name": self.name, "dim": self.dim, "config": asdict(self.cfg), "info": self.info}
         )

@@ -187,22 +187,32 @@ def _load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[
 
 def save_checkpoint(directory: Path, model: ImageTokenizer, opt: torch.optim.Optimizer, names: list[str],
                     step: int, extra: dict[str, Any]) -> None:
-    """Atomically replace ``directory`` with model + optimizer + step."""
+    """Atomically replace ``directory`` with model + optimizer + step; a failed write (disk full)
+    raises :class:`~cm3leon.model.io.WriteError`, removes its temporary directory and keeps the old one."""
     from safetensors.torch import save_file
 
+    from cm3leon.model.io import reporting_write_errors, tensor_bytes
+
     tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    opt_t, opt_meta = _optimizer_tensors(opt, names)
-    save_file(opt_t, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=2))
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    opt_t, opt_meta = _optimizer_tensors(opt, names)
+    needed = tensor_bytes(model.state_dict().values(), opt_t.values())
+    try:
+        with reporting_write_errors(f"the image tokenizer checkpoint {directory.name}", directory.parent, needed):
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp)
+            save_file(opt_t, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=2))
+            shutil.rmtree(old, ignore_errors=True)
+            if directory.exists():
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not directory.exists():  # the swap failed halfway: the previous one goes back
+            os.replace(old, directory)
 
 
 def load_checkpoint(directory: Path, model: ImageTokenizer, opt: torch.optim.Optimizer, names: list[str]) -> dict:
@@ -410,7 +420,10 @@ def _train(model_cfg: VQConfig, cfg: VQTrainConfig, train_images: torch.Tensor, 
 
     model.eval()
     _checkpoint(ckpt_dir, model, opt, names, done, train_seconds, disc)
-    model.save_pretrained(out)
+    from cm3leon.model.io import reporting_write_errors, tensor_bytes
+
+    with reporting_write_errors("the image tokenizer", out, tensor_bytes(model.state_dict().values())):
+        model.save_pretrained(out)
     _write_samples(model, val_images, out / "samples" / "final.png", device)
     metrics = {
         "steps": done,
@@ -453,11 +466,10 @@ def _checkpoint(ckpt_dir: Path, model: ImageTokenizer, opt: torch.optim.Optimize
                 train_seconds: float, disc: torch.nn.Module | None) -> None:
     save_checkpoint(ckpt_dir, model, opt, names, step, {"train_seconds": train_seconds})
     if disc is not None:
-        from safetensors.torch import save_file
+        from cm3leon.model.io import write_safetensors
 
-        tmp = ckpt_dir / "discriminator.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in disc.state_dict().items()}, str(tmp))
-        os.replace(tmp, ckpt_dir / "discriminator.safetensors")
+        write_safetensors({k: v.detach().cpu().contiguous() for k, v in disc.state_dict().items()},
+                          ckpt_dir / "discriminator.safetensors", what="the discriminator weights")
 
 
 @torch.no_grad()

@@ -10,8 +10,10 @@ A checkpoint is a directory ``<out>/checkpoints/step-NNNNNNNN/`` holding
 
 It is written into a hidden temporary directory and renamed into place, so a crash
 never leaves a half checkpoint under a ``step-*`` name; older ones beyond ``keep_last``
-are deleted only after the new one exists. No pickles: tensors are safetensors, the
-rest is JSON.
+are deleted only after the new one exists. A failed write (disk full) removes its
+temporary directory and raises :class:`~cm3leon.model.io.WriteError` naming the directory,
+the space needed and the space free; the checkpoints already there are untouched. No
+pickles: tensors are safetensors, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from cm3leon.config import ModelConfig, to_json_dict
-from cm3leon.model.io import check_state_dict, read_safetensors
+from cm3leon.model.io import check_state_dict, read_safetensors, reporting_write_errors, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ CKPT_DIR = "checkpoints"
 FORMAT = "cm3leon-train-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{8})$")
+_LEFTOVER_RE = re.compile(r"^\.(tmp|old)-(step-\d{8})-\d+$")  # save_checkpoint's temporaries
 
 
 @dataclass
@@ -149,6 +152,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _clear_leftovers(root: Path) -> None:
+    """Remove the temporaries of saves that died mid-write (one process writes a run's checkpoints).
+
+    A ``.old-step-N-*`` whose ``step-N`` is gone is the only copy of that checkpoint: it is put back."""
+    for p in root.iterdir():
+        m = _LEFTOVER_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        if m.group(1) == "old" and not (root / m.group(2)).exists():
+            p.rename(root / m.group(2))
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -161,37 +178,47 @@ def save_checkpoint(
     """Write a checkpoint for ``step`` atomically and prune all but the ``keep_last`` newest.
 
     ``state`` is JSON-ready run state (step, data position, configs...); RNG states are
-    captured here. Returns the checkpoint directory.
+    captured here. Returns the checkpoint directory. An I/O failure raises
+    :class:`~cm3leon.model.io.WriteError` and leaves no temporary directory behind.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    model_tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     opt_tensors, groups = flatten_optimizer(optimizer_state)
     rng_js, rng_tensors = capture_rng()
+    needed = tensor_bytes(model_tensors.values(), opt_tensors.values(), rng_tensors.values())
     meta = {"format": FORMAT, "version": str(VERSION)}
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
-              metadata=meta)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-    save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata=meta)
     full_state = {"format": FORMAT, "version": VERSION, **state, "step": step,
                   "optimizer_param_groups": groups, "rng": rng_js}
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=1, sort_keys=True) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. exit right after a periodic save)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
+    try:
+        with reporting_write_errors(f"checkpoint {final.name}", root, needed):
+            tmp.mkdir()
+            save_file(model_tensors, str(tmp / "model.safetensors"), metadata=meta)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+            save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata=meta)
+            (tmp / "state.json").write_text(json.dumps(full_state, indent=1, sort_keys=True) + "\n")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. exit right after a periodic save)
+                old = root / f".old-{final.name}-{os.getpid()}"
+                final.rename(old)
+                try:
+                    tmp.rename(final)
+                except OSError:
+                    old.rename(final)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            _fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     log.info("saved checkpoint %s", final)

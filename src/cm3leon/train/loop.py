@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm3leon.config import ModelConfig, save_json, to_json_dict
+from cm3leon.model.io import WriteError, reporting_write_errors
 from cm3leon.train import checkpoint as ckpt_io
 from cm3leon.train.config import BatchPlan, TrainConfig
 from cm3leon.train.parallelize import (
@@ -55,6 +56,17 @@ KIND_NAMES = ("special", "text", "image")  # Vocab.kinds_tensor codes 0, 1, 2
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is kept."""
+
+
+def _stop_if_write_failed(err: WriteError | None, ctx: DistContext, before: str, after: str) -> None:
+    """Every rank learns whether rank 0's write failed (a sync, like the barrier it stands for)
+    and all stop with a :class:`WriteError` reading ``before`` + the write's message + ``after``."""
+    failed = err is not None
+    if ctx.distributed:
+        failed = bool(all_reduce_(torch.tensor([float(failed)], device=ctx.device), ctx, "max").item())
+    if failed:
+        what = str(err) if err is not None else "rank 0 could not write to disk"
+        raise WriteError(f"{before}{what}{after}", err.errno if err is not None else None) from err
 
 
 @dataclass
@@ -411,7 +423,8 @@ def _save_model_dir(state: dict[str, Tensor], model_cfg: ModelConfig, vocab: Voc
         m = Transformer(model_cfg)
     m.load_state_dict(state, strict=True, assign=True)
     save_model(m, out)
-    save_json(vocab.to_dict(), out / "vocab.json")
+    with reporting_write_errors("the vocabulary (vocab.json)", out, 4096):
+        save_json(vocab.to_dict(), out / "vocab.json")
     return out
 
 
@@ -641,13 +654,19 @@ class _Trainer:
             msd = _full_model_state(model, ctx)
             osd = _full_optim_state(model, optim, ctx)
             path = self.out / ckpt_io.CKPT_DIR / ckpt_io.step_dir_name(now_step)
+            err = None
             if ctx.is_main:
                 state = {"consumed_samples": consumed, "tokens": tokens, "world_size": ctx.world_size,
                          "model_config": to_json_dict(self.model_cfg), "train_config": cfg.to_dict(),
                          "vocab": self.vocab.to_dict(), "lr_schedule_step": now_step}
-                path = ckpt_io.save_checkpoint(self.out / ckpt_io.CKPT_DIR, now_step, model_state=msd,
-                                               optimizer_state=osd, state=state, keep_last=cfg.keep_last)
-            barrier(ctx)
+                try:
+                    path = ckpt_io.save_checkpoint(self.out / ckpt_io.CKPT_DIR, now_step, model_state=msd,
+                                                   optimizer_state=osd, state=state, keep_last=cfg.keep_last)
+                except WriteError as e:
+                    err = e
+            kept = (f"the last good checkpoint {last_ckpt} is kept; free space, then run the same command with "
+                    "--resume" if last_ckpt else "no checkpoint was written; free space, then start the run again")
+            _stop_if_write_failed(err, ctx, f"training stopped at step {now_step}: ", f"; {kept}")
             return path
 
         model.train()
@@ -703,10 +722,16 @@ class _Trainer:
         if step >= cfg.steps:
             val = do_eval(step) or val
             msd = _full_model_state(model, ctx)
+            err = None
             if ctx.is_main:
-                model_dir = _save_model_dir(msd, self.model_cfg, self.vocab, self.out)
-                log.info("saved model to %s", model_dir)
-            barrier(ctx)
+                try:
+                    model_dir = _save_model_dir(msd, self.model_cfg, self.vocab, self.out)
+                    log.info("saved model to %s", model_dir)
+                except WriteError as e:
+                    err = e
+            _stop_if_write_failed(err, ctx, f"training finished at step {step} but ",
+                                  f"; checkpoint {last_ckpt} holds the finished run: free space, then run the same "
+                                  "command with --resume to write the model")
         elif status == "completed":
             status = "paused"
         if ctx.is_main:
