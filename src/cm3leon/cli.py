@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from cm3leon.workspace import WorkspaceError
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "retrieval, pretraining, SFT, decoding, evaluation and serving.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (also: CM3LEON_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (CLIError, FileNotFoundError, FileExistsError, ValueError, WorkspaceError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CLIError, OSError, ValueError, WorkspaceError) as e:  # OSError: missing files, disk full...
+        if args.debug or os.environ.get("CM3LEON_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -73,5 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (an OSError without its own text reads as its strerror and file)."""
+    msg = str(e)
+    if isinstance(e, OSError) and e.strerror and msg.startswith("[Errno"):
+        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(msg.split()) or type(e).__name__
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m cm3leon.cli`` runs this file as ``__main__``; the commands import ``cm3leon.cli``
+    # and raise its CLIError, so run that module's main (one CLIError class, caught above).
+    from cm3leon.cli import main as _main
+
+    sys.exit(_main())
