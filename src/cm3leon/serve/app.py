@@ -133,6 +133,18 @@ def _validation_message(errors: Sequence[Any], fields: Sequence[str]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _json_error_message(error: dict[str, Any], body: Any) -> str:
+    """'request body is not valid JSON: <what> at line L column C' for FastAPI's json_invalid error."""
+    what = str((error.get("ctx") or {}).get("error") or "JSON decode error")
+    loc = error.get("loc") or ()
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if pos is None or not isinstance(body, str):
+        return f"request body is not valid JSON: {what}"
+    line = body.count("\n", 0, pos) + 1
+    column = pos - body.rfind("\n", 0, pos)
+    return f"request body is not valid JSON: {what} at line {line} column {column}"
+
+
 # ============================================================================ request schemas
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -504,11 +516,18 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI validates the JSON bodies (generation requests); forms are validated in read_form
+        bad_json = [e for e in exc.errors() if e.get("type") == "json_invalid"]
+        if bad_json:
+            return _error(422, _json_error_message(bad_json[0], exc.body))
         return _error(422, _validation_message(exc.errors(), _model_fields(ImageGenerationRequest)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI reading a JSON body
+            e = exc.__cause__
+            return _error(422, f"request body is not valid JSON: it is not UTF-8 text ({e.encoding} cannot decode "
+                          f"byte 0x{e.object[e.start]:02x} at position {e.start}); send UTF-8 encoded JSON")
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no endpoint {request.url.path}; see /docs for the API"
         elif exc.status_code == 405:
