@@ -9,6 +9,12 @@ positions from ``attention_mask`` as ``cumsum(mask) - 1`` (pads -> -1 -> row 1),
 same positions our model uses for left-padded batches (:func:`positions_from_valid`).
 
 All key renaming lives in :func:`to_opt_state_dict` / :func:`from_opt_state_dict`.
+
+The image-place embedding (``ModelConfig.image_tokens``, ``image_axial``; not in the paper)
+has no OPT counterpart: an image token's place depends on where its run of image ids starts,
+not on its absolute position, so such models are refused (:func:`image_place_refusal`).
+:func:`export_hf` also writes the unified vocabulary's tokenizer
+(:mod:`cm3leon.model.hf_tokenizer`), the VQ-GAN and a model card when given them.
 """
 
 from __future__ import annotations
@@ -29,9 +35,28 @@ from cm3leon.vocab import Vocab
 if TYPE_CHECKING:
     from transformers import OPTConfig, OPTForCausalLM
 
+    from cm3leon.tokenize.image_vq import ImageTokenizer
+    from cm3leon.tokenize.text_bpe import TextTokenizer
+
 log = logging.getLogger(__name__)
 
 OPT_POS_OFFSET = 2  # OPTLearnedPositionalEmbedding looks up position + 2
+
+
+EXPORTABLE_OVERRIDES = "model_overrides.image_tokens=0 model_overrides.image_vocab=0 model_overrides.image_axial=false"
+EXPORT_DOCS = "docs/cli.md#exporting-to-transformers"
+
+
+def image_place_refusal(cfg: ModelConfig) -> str:
+    """Why a model with the image-place embedding cannot be an OPT, and what exports instead (one line)."""
+    return (
+        f"cannot export to transformers: this model has the image-place embedding (image_tokens={cfg.image_tokens}, "
+        f"image_vocab={cfg.image_vocab}, image_axial={str(cfg.image_axial).lower()}; not in the paper), a learned "
+        "vector for each token's place inside its image, which OPTForCausalLM does not have: OPT adds one vector per "
+        "absolute position, and an image token's place depends on where its run of image ids starts, so no OPT "
+        "weights give the same logits. Train an exportable model with `cm3leon train ... --override "
+        f"{EXPORTABLE_OVERRIDES}` (SFT from it keeps that shape); see {EXPORT_DOCS}"
+    )
 
 
 def to_opt_config(cfg: ModelConfig, vocab: Vocab | None = None) -> OPTConfig:
@@ -39,10 +64,7 @@ def to_opt_config(cfg: ModelConfig, vocab: Vocab | None = None) -> OPTConfig:
     from transformers import OPTConfig
 
     if cfg.image_tokens:
-        raise ValueError(
-            "this model has an image position embedding (ModelConfig.image_tokens > 0), which OPT does not "
-            "have; only models without it can be exported to transformers"
-        )
+        raise ValueError(image_place_refusal(cfg))
     v = vocab or Vocab.paper()  # special ids are the same in every Vocab
     if vocab is not None and vocab.size != cfg.vocab_size:
         raise ValueError(f"vocab.size={vocab.size} does not match ModelConfig.vocab_size={cfg.vocab_size}")
@@ -167,12 +189,163 @@ def to_hf(model: Transformer, vocab: Vocab | None = None) -> OPTForCausalLM:
     return hf.to(device=p.device, dtype=p.dtype).eval()
 
 
-def export_hf(model: Transformer, out_dir: str | Path, *, vocab: Vocab | None = None) -> Path:
-    """Write ``model`` as a transformers OPTForCausalLM directory (config.json + model.safetensors)."""
+IMAGE_TOKENIZER_SUBDIR = "image_tokenizer"  # the VQ-GAN's folder inside an export
+
+
+def export_hf(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    vocab: Vocab | None = None,
+    text_tokenizer: TextTokenizer | None = None,
+    image_tokenizer: ImageTokenizer | None = None,
+) -> Path:
+    """Write ``model`` as a transformers OPTForCausalLM directory (config.json, generation_config.json,
+    model.safetensors). With ``vocab``: also a README.md model card. With ``vocab`` and
+    ``text_tokenizer``: the unified vocabulary's tokenizer (tokenizer.json, tokenizer_config.json;
+    :mod:`cm3leon.model.hf_tokenizer`), so ``AutoTokenizer.from_pretrained(out_dir)`` encodes prompts.
+    With ``image_tokenizer``: its VQ-GAN in ``image_tokenizer/``, to turn generated image ids into pixels.
+    A model OPT cannot express (the image-place embedding) is refused before anything is written."""
+    if text_tokenizer is not None and vocab is None:
+        raise ValueError("a tokenizer export needs the model's vocabulary (vocab.json): pass vocab")
+    hf = to_hf(model, vocab)  # refuses what OPT cannot express
+    tokenizer = None
+    if text_tokenizer is not None and vocab is not None:
+        from cm3leon.model.hf_tokenizer import to_hf_tokenizer
+
+        tokenizer = to_hf_tokenizer(text_tokenizer, vocab, model_max_length=model.cfg.max_seq_len)
+    if image_tokenizer is not None and vocab is not None and (
+            image_tokenizer.tokens_per_image, image_tokenizer.codebook_size) != (vocab.image_seq_len, vocab.image_size):
+        raise ValueError(f"the image tokenizer makes {image_tokenizer.tokens_per_image} tokens from "
+                         f"{image_tokenizer.codebook_size} codes but the vocabulary expects {vocab.image_seq_len} "
+                         f"from {vocab.image_size}")
     out = Path(out_dir)
-    to_hf(model, vocab).save_pretrained(str(out))
+    hf.save_pretrained(str(out))
+    if tokenizer is not None:
+        from cm3leon.model.hf_tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer, out)
+    if image_tokenizer is not None:
+        image_tokenizer.save_pretrained(out / IMAGE_TOKENIZER_SUBDIR)
+    if vocab is not None:
+        card = model_card(model, vocab, tokenizer=tokenizer is not None, image_tokenizer=image_tokenizer is not None)
+        (out / "README.md").write_text(card, encoding="utf-8")
     log.info("exported OPTForCausalLM to %s", out)
     return out
+
+
+def model_card(model: Transformer, vocab: Vocab, *, tokenizer: bool, image_tokenizer: bool) -> str:
+    """The README.md of an exported folder: what the model is, its vocabulary, how to prompt it."""
+    cfg, v = model.cfg, vocab
+    masks = f"`<mask:0>` ... `<mask:{v.n_masks - 1}>`" if v.n_masks > 1 else "`<mask:0>`"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [cm3leon, opt, text-to-image, image-to-text, multimodal]",
+        "---",
+        "",
+        "# CM3Leon decoder (exported by cm3leon)",
+        "",
+        "A decoder-only transformer that reads and writes text and images as tokens of one vocabulary "
+        "(CM3Leon, Yu et al. 2023), trained with cm3leon and exported with "
+        "`cm3leon export-hf`. The network is an `OPTForCausalLM` without biases and without LayerNorm "
+        "parameters; in float32 it gives the same logits as cm3leon's own decoder.",
+        "",
+        f"- {model.num_params() / 1e6:.1f}M parameters: {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_heads} heads, FFN {cfg.ffn_dim}, {cfg.activation}, context {cfg.max_seq_len} tokens",
+        f"- images: {v.image_seq_len} tokens per image from a VQ-GAN codebook of {v.image_size} codes",
+        "",
+        "## Vocabulary",
+        "",
+        "| ids | what | token names |",
+        "|---|---|---|",
+        f"| 0 .. {v.n_special - 1} | specials | `<pad>` `<eos>` `<break>` `<infill>` {masks} |",
+        f"| {v.text_offset} .. {v.image_offset - 1} | text: byte-level BPE id t is id {v.text_offset} + t | "
+        "BPE symbols |",
+        f"| {v.image_offset} .. {v.size - 1} | image: VQ code c is id {v.image_offset} + c | `<img:0>` ... "
+        f"`<img:{v.image_size - 1}>` |",
+        "",
+        "A document is `<eos> text <break> image` (every document starts with `<eos>`; `<break>` "
+        f"switches modality; an image is exactly {v.image_seq_len} image ids). `<mask:i>` and `<infill>` "
+        "are the CM3 infilling sentinels.",
+        "",
+    ]
+    if tokenizer:
+        lines += [
+            "## Tokenizer",
+            "",
+            "`AutoTokenizer.from_pretrained` gives the tokenizer of the whole vocabulary. It adds no tokens "
+            "of its own: write `<eos>` and `<break>` in the prompt. Plain text encodes exactly as in "
+            'cm3leon (`tokenizer(s).input_ids == CM3Leon.text_ids(s)`). '
+            '`<eos>`, `<break>` and `<infill>` take the spaces next to them, so `"<eos> a red circle '
+            '<break>"` is the trained layout; `<mask:i>` takes none. Text that spells a token name '
+            "(`<break>`, `<img:5>`) becomes that token. Batches pad on the left with `<pad>`.",
+            "",
+        ]
+    lines += [
+        "## Text to image",
+        "",
+        f"Prompt `<eos> caption <break>`, then generate exactly {v.image_seq_len} tokens restricted to "
+        "image ids:",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, OPTForCausalLM",
+        "",
+        'FOLDER = "path/to/this/folder"',
+        "model = OPTForCausalLM.from_pretrained(FOLDER).eval()",
+        f"IMAGE_OFFSET, L = {v.image_offset}, {v.image_seq_len}",
+        "",
+        "class ImageIdsOnly(LogitsProcessor):",
+        "    def __call__(self, input_ids, scores):",
+        '        scores[:, :IMAGE_OFFSET] = -float("inf")',
+        "        return scores",
+        "",
+    ]
+    if tokenizer:
+        lines += [
+            "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
+            'prompt = tokenizer("<eos>a red circle at the top left<break>", return_tensors="pt")',
+        ]
+    else:
+        lines += [
+            f"# this folder has no tokenizer: caption ids are cm3leon TextTokenizer ids + {v.text_offset}",
+            "caption_ids = [...]",
+            f'prompt = {{"input_ids": torch.tensor([[{v.eos_id}, *caption_ids, {v.break_id}]])}}',
+        ]
+    lines += [
+        "out = model.generate(**prompt, max_new_tokens=L, min_new_tokens=L, do_sample=True, top_p=0.9,",
+        "                     logits_processor=LogitsProcessorList([ImageIdsOnly()]))",
+        'codes = out[:, prompt["input_ids"].shape[1]:] - IMAGE_OFFSET  # VQ codes, Long[1, L]',
+        "```",
+        "",
+    ]
+    if image_tokenizer:
+        lines += [
+            f"Turn the codes into pixels with the VQ-GAN in `{IMAGE_TOKENIZER_SUBDIR}/` (cm3leon's decoder):",
+            "",
+            "```python",
+            "from cm3leon.tokenize.image_vq import ImageTokenizer",
+            "",
+            f'vq = ImageTokenizer.from_pretrained(f"{{FOLDER}}/{IMAGE_TOKENIZER_SUBDIR}")',
+            'ImageTokenizer.postprocess(vq.decode(codes))[0].save("image.png")',
+            "```",
+            "",
+        ]
+    else:
+        lines += ["Turn the codes into pixels with the VQ-GAN the model was trained with "
+                  "(`cm3leon.tokenize.image_vq.ImageTokenizer.decode`).", ""]
+    lines += [
+        "## What stays in cm3leon",
+        "",
+        "`transformers` gives the network, the tokenizer and plain decoding. Classifier-free guidance "
+        "(CFG), contrastive decoding (CD-K), CLIP re-ranking, retrieval-augmented prompts and the "
+        "task templates (captioning, VQA, editing, control) are in cm3leon: "
+        "`CM3Leon.from_pretrained(model_dir).generate_image(...)`. `cm3leon import-hf` turns this folder "
+        "back into a cm3leon decoder.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, Tensor]:
