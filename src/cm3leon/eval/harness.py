@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from cm3leon.data.records import DocRecord
 from cm3leon.eval import metrics
@@ -80,22 +80,129 @@ def _objects(meta_objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(o) for o in meta_objects]
 
 
+# Grid colours: a grey frame around every tile (visible on white), green / red where the judge passed / failed it.
+FRAME = (150, 150, 150)
+PASS = (26, 127, 55)
+FAIL = (207, 34, 46)
+TEXT = (29, 35, 48)
+HEADER = (47, 95, 208)
+
+
+def _font(size: int) -> Any:
+    """A TrueType font of ``size`` px (Pillow >= 10.1); older Pillow: its bitmap default (scaled when drawn)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, AttributeError, OSError, ImportError):  # Pillow < 10.1, or built without FreeType
+        return ImageFont.load_default()
+
+
+def _bitmap_scale(size: int) -> int:
+    """How much the ~11 px bitmap font is enlarged to stand for a ``size`` px font."""
+    return max(1, -(-size // 11))
+
+
+def _text_width(font: Any, text: str, size: int) -> float:
+    w = font.getlength(text)
+    return w if isinstance(font, ImageFont.FreeTypeFont) else w * _bitmap_scale(size)
+
+
+def _line_height(font: Any, size: int) -> int:
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return size + 4
+    return font.getbbox("Ag")[3] * _bitmap_scale(size) + 4
+
+
+def _draw_text(grid: Image.Image, xy: tuple[int, int], text: str, font: Any, size: int,
+               fill: tuple[int, int, int]) -> None:
+    if isinstance(font, ImageFont.FreeTypeFont):
+        ImageDraw.Draw(grid).text(xy, text, font=font, fill=fill)
+        return
+    # the ~11 px bitmap font, drawn on its own and enlarged with nearest neighbour to about ``size`` px
+    k = _bitmap_scale(size)
+    left, top, right, bottom = font.getbbox(text)
+    if right <= 0 or bottom <= 0:
+        return
+    mask = Image.new("L", (right, bottom), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, font=font, fill=255)
+    mask = mask.resize((right * k, bottom * k), Image.NEAREST)
+    grid.paste(Image.new("RGB", mask.size, fill), xy, mask)
+
+
+def _fit(font: Any, text: str, width: float, size: int) -> str:
+    """``text`` cut (with "...") to fit ``width`` pixels."""
+    if _text_width(font, text, size) <= width:
+        return text
+    while text and _text_width(font, text + "...", size) > width:
+        text = text[:-1]
+    return text + "..." if text else ""
+
+
+def _wrap(font: Any, text: str, width: float, size: int, max_lines: int = 3) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` pixels (the last one cut with "...")."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_width(font, lines[-1] + " " + word, size) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [" ".join(lines[max_lines - 1 :])]
+    return [_fit(font, ln, width, size) for ln in lines] or [""]
+
+
 def save_grid(rows: Sequence[Sequence[Image.Image]], path: str | Path, *, labels: Sequence[str] | None = None,
-              scale: int = 3) -> Path:
-    """Write a PNG grid (one row per list, images upscaled ``scale`` x with nearest neighbour)."""
+              scale: int | None = None, headers: Sequence[str] | None = None,
+              verdicts: Sequence[Sequence[bool | None]] | None = None, font_size: int = 14) -> Path:
+    """Write a PNG grid: one row per list, every image upscaled with nearest neighbour and framed.
+
+    ``scale`` defaults to the smallest factor that makes tiles at least 128 px (4x for 32 px
+    images). ``labels`` (one per row) are written above their row, wrapped; ``headers`` name
+    the columns once at the top (the last header spans the columns after it, e.g.
+    ``["real", "samples, best first"]``). ``verdicts`` (one list per row, parallel to the
+    images) frame a tile green for True, red for False, grey for None, and write pass/fail under it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [list(r) for r in rows]
     cols = max(len(r) for r in rows)
-    w = max(im.width for r in rows for im in r) * scale
-    label_h = 12 if labels else 0
-    grid = Image.new("RGB", (cols * (w + 2), len(rows) * (w + label_h + 2)), "white")
+    src_w = max(im.width for r in rows for im in r)
+    src_h = max(im.height for r in rows for im in r)
+    scale = scale or max(1, -(-128 // src_w))
+    tw, th = src_w * scale, src_h * scale
+    frame, gap = (3, 4) if scale > 1 else (1, 2)
+    cw, ch = tw + 2 * frame, th + 2 * frame
+    width = gap + cols * (cw + gap)
+    font = _font(font_size)
+    line_h = _line_height(font, font_size)
+    text_w = width - 2 * gap
+    label_lines = [_wrap(font, str(t), text_w, font_size) for t in labels] if labels else [[] for _ in rows]
+    marks = [list(v) for v in verdicts] if verdicts else [[] for _ in rows]
+    header_h = line_h + 4 if headers else 0
+    row_gap = 3 * gap if labels else gap  # a label sits closer to its own row than to the row above
+    row_h = [len(ls) * line_h + ch + (line_h if any(m is not None for m in mk) else 0) + row_gap
+             for ls, mk in zip(label_lines, marks)]
+    grid = Image.new("RGB", (width, gap + header_h + sum(row_h) - row_gap + gap), "white")
     draw = ImageDraw.Draw(grid)
+    if headers:
+        for j, name in enumerate(headers[:cols]):
+            span = cols - j if j == len(headers) - 1 else 1
+            x0, x1 = gap + j * (cw + gap), gap + (j + span) * (cw + gap) - gap
+            _draw_text(grid, (x0 + 2, gap), _fit(font, name, x1 - x0 - 4, font_size), font, font_size, HEADER)
+            draw.line([(x0, gap + line_h + 1), (x1 - 1, gap + line_h + 1)], fill=HEADER, width=2)
+    y = gap + header_h
     for i, row in enumerate(rows):
-        y = i * (w + label_h + 2)
-        if labels:
-            draw.text((2, y), labels[i][: cols * w // 6], fill=(0, 0, 0))
+        for k, line in enumerate(label_lines[i]):
+            _draw_text(grid, (gap + 2, y + k * line_h), line, font, font_size, TEXT)
+        y_tile = y + len(label_lines[i]) * line_h
         for j, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((w, w), Image.NEAREST), (j * (w + 2), y + label_h))
+            x = gap + j * (cw + gap)
+            ok = marks[i][j] if j < len(marks[i]) else None
+            color = FRAME if ok is None else (PASS if ok else FAIL)
+            draw.rectangle([x, y_tile, x + cw - 1, y_tile + ch - 1], fill=color)
+            grid.paste(im.convert("RGB").resize((tw, th), Image.NEAREST), (x + frame, y_tile + frame))
+            if ok is not None:
+                _draw_text(grid, (x + 2, y_tile + ch + 1), "pass" if ok else "fail", font, font_size, color)
+        y += row_h[i]
     tmp = path.with_suffix(".tmp.png")
     grid.save(tmp)
     tmp.replace(path)
@@ -148,11 +255,17 @@ def eval_t2i(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig, *, na
             m["fd_clip"] = metrics.frechet_distance(real_features, fake)
     grid = None
     shown = _grid_rows(np.array([len(r.meta["objects"]) for r in records]), 8)
+    per_prompt = len(verdicts) // max(len(records), 1)  # 1, or the samples when every sample is judged
+    # the verdict of each shown sample: the re-ranked pick only, or every sample
+    sample_ok = {i: [bool(verdicts[i * per_prompt + j].all_correct) if j < per_prompt else None
+                     for j in range(len(all_samples[i]))] for i in shown}
     if cfg.grid_dir:
         grid = str(save_grid([[records[i].image, *all_samples[i]] for i in shown],
-                             Path(cfg.grid_dir) / f"{name}.png", labels=[prompts[i] for i in shown]))
-    per_prompt = len(verdicts) // max(len(records), 1)  # 1, or the samples when every sample is judged
-    examples = [{"prompt": prompts[i], "all_correct": bool(verdicts[i * per_prompt].all_correct)} for i in shown]
+                             Path(cfg.grid_dir) / f"{name}.png", labels=[prompts[i] for i in shown],
+                             headers=["real", "samples, best first" if rerank else "samples"],
+                             verdicts=[[None, *sample_ok[i]] for i in shown]))
+    examples = [{"prompt": prompts[i], "all_correct": bool(verdicts[i * per_prompt].all_correct),
+                 "objects": len(records[i].meta["objects"]), "samples_correct": sample_ok[i]} for i in shown]
     return TaskResult(name, m, examples, grid, time.perf_counter() - t0)
 
 
@@ -207,7 +320,8 @@ def eval_vqa(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> Ta
         a = [x for x, (_, qa) in zip(acc, items) if qa["type"] == t]
         if a:
             m[f"vqa_accuracy_{t}"] = float(np.mean(a))
-    ex = [{"question": qa["question"], "truth": qa["answer"], "output": o} for o, (_, qa) in zip(outs[:8], items[:8])]
+    ex = [{"question": qa["question"], "truth": qa["answer"], "output": o, "correct": bool(a >= 1.0)}
+          for o, (_, qa), a in zip(outs[:8], items[:8], acc[:8])]
     return TaskResult("vqa", m, ex, None, time.perf_counter() - t0)
 
 
@@ -233,9 +347,11 @@ def eval_edit(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> T
         k = min(8, len(records))
         grid = str(save_grid([[r.image, r.meta["images"]["edit_image"], o] for r, o in zip(records[:k], outs[:k])],
                              Path(cfg.grid_dir) / "edit.png",
-                             labels=[r.meta["edit"]["instruction"] for r in records[:k]]))
-    ex = [{"instruction": r.meta["edit"]["instruction"], "correct": bool(v.all_correct)}
-          for r, v in zip(records[:8], verdicts[:8])]
+                             labels=[r.meta["edit"]["instruction"] for r in records[:k]],
+                             headers=["input", "target", "output"],
+                             verdicts=[[None, None, bool(v.all_correct)] for v in verdicts[:k]]))
+    ex = [{"instruction": r.meta["edit"]["instruction"], "kind": r.meta["edit"].get("kind"),
+           "correct": bool(v.all_correct)} for r, v in zip(records[:8], verdicts[:8])]
     return TaskResult("edit", m, ex, grid, time.perf_counter() - t0)
 
 
@@ -245,6 +361,9 @@ def eval_control(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig,
     t0 = time.perf_counter()
     m: dict[str, float] = {}
     rows: list[list[Image.Image]] = []
+    labels: list[str] = []
+    marks: list[list[bool | None]] = []
+    ex: list[dict[str, Any]] = []
     for kind in kinds:
         outs: list[Image.Image] = []
         for chunk in _chunks(records, cfg.batch_size):
@@ -257,8 +376,13 @@ def eval_control(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig,
         m[f"{kind}_to_image_accuracy"] = float(np.mean(ok))
         m.update(_by_group(ok, [len(r.meta["objects"]) for r in records], f"{kind}_to_image_accuracy_{{}}obj"))
         rows.extend([r.meta["images"][kind], o, r.image] for r, o in zip(records[:3], outs[:3]))
-    grid = str(save_grid(rows, Path(cfg.grid_dir) / "control.png")) if cfg.grid_dir else None
-    return TaskResult("control", m, [], grid, time.perf_counter() - t0)
+        labels.extend(f"{kind} -> image: {r.meta['captions']['short']}" for r in records[:3])
+        marks.extend([None, bool(k), None] for k in ok[:3])
+        ex.extend({"kind": kind, "prompt": r.meta["captions"]["short"], "correct": bool(k)}
+                  for r, k in zip(records[:3], ok[:3]))
+    grid = (str(save_grid(rows, Path(cfg.grid_dir) / "control.png", labels=labels,
+                          headers=["condition", "output", "real"], verdicts=marks)) if cfg.grid_dir else None)
+    return TaskResult("control", m, ex, grid, time.perf_counter() - t0)
 
 
 def eval_ground(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) -> TaskResult:
@@ -272,18 +396,23 @@ def eval_ground(pipe: CM3Leon, records: Sequence[DocRecord], cfg: EvalConfig) ->
                            **_image_settings(_decoding(pipe, cfg, "grounding"), "guidance", "temperature", "top_p",
                                              "n"))
         outs.extend(x[0] for x in res)
-    ious, ok = [], []
+    ious, ok, record_iou = [], [], []
     for o, r in zip(outs, records):
         v = judge(o, _objects(r.meta["objects"]), check=("shape", "color", "box", "count"))
-        ious.extend(x.iou if x.iou is not None else 0.0 for x in v.objects)
-        ok.append(v.all_correct)
+        box_iou = [x.iou if x.iou is not None else 0.0 for x in v.objects]
+        ious.extend(box_iou)
+        record_iou.append(float(np.mean(box_iou)) if box_iou else 0.0)
+        ok.append(bool(v.all_correct))
     m = {"ground_mean_iou": float(np.mean(ious)), "ground_all_correct": float(np.mean(ok))}
+    k = min(8, len(records))
+    captions = [r.meta["captions"]["short"] for r in records[:k]]
     grid = None
     if cfg.grid_dir:
-        k = min(8, len(records))
         grid = str(save_grid([[r.image, o] for r, o in zip(records[:k], outs[:k])], Path(cfg.grid_dir) / "ground.png",
-                             labels=[r.meta["captions"]["short"] for r in records[:k]]))
-    return TaskResult("ground", m, [], grid, time.perf_counter() - t0)
+                             labels=[f"{c} (IoU {u:.2f})" for c, u in zip(captions, record_iou)],
+                             headers=["real", "output"], verdicts=[[None, x] for x in ok[:k]]))
+    ex = [{"prompt": c, "mean_iou": u, "correct": x} for c, u, x in zip(captions, record_iou, ok)]
+    return TaskResult("ground", m, ex, grid, time.perf_counter() - t0)
 
 
 def run_eval(
