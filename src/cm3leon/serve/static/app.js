@@ -27,9 +27,13 @@ async function errorText(resp) {
 }
 
 function figure(b64, caption) {
+  return figureFromUrl("data:image/png;base64," + b64, caption);
+}
+
+function figureFromUrl(url, caption) {
   const fig = document.createElement("figure");
   const img = document.createElement("img");
-  img.src = "data:image/png;base64," + b64;
+  img.src = url;
   img.alt = caption;
   fig.appendChild(img);
   if (caption) {
@@ -92,6 +96,10 @@ fetch("/v1/info").then((r) => r.json()).then((info) => {
 }).catch(() => { $("#model-info").textContent = "model info unavailable"; });
 
 // ---- generate (streamed) ------------------------------------------------------------------
+// A seed the page picks is shown in the field, so a result worth keeping can be made again.
+function newSeed() { $("#seed").value = String(Math.floor(Math.random() * 2 ** 31)); }
+$("#vary").addEventListener("click", newSeed);
+
 $("#generate-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const prompt = $("#prompt").value.trim();
@@ -106,7 +114,9 @@ $("#generate-form").addEventListener("submit", async (ev) => {
     response_format: "b64_json",
   };
   if ($("#cd_k").value) body.cd_k = Number($("#cd_k").value);
+  if ($("#new-seed-each").checked) newSeed();
   if ($("#seed").value) body.seed = Number($("#seed").value);
+  const seedNote = body.seed !== undefined ? `, seed ${body.seed}` : ", random seed";
   const button = $("#generate-button");
   const preview = $("#preview");
   button.disabled = true;
@@ -125,7 +135,7 @@ $("#generate-form").addEventListener("submit", async (ev) => {
         preview.replaceChildren();
         const scores = data.data[0].clip_score !== undefined ? data.data.map((d) => d.clip_score) : null;
         addToGallery(data.data.map((d) => d.b64_json), prompt, scores);
-        setStatus("#generate-status", `done: ${data.data.length} image(s)`);
+        setStatus("#generate-status", `done: ${data.data.length} image(s)${seedNote}`);
       } else if (event === "error") {
         setStatus("#generate-status", data.error.message, true);
       }
@@ -160,7 +170,47 @@ function formTask(formId, url, statusId, onResult) {
   });
 }
 
+// The chosen file is shown at once (an object URL: nothing is uploaded until the form is sent).
+const previewUrls = {};
+function showUpload(inputId, imgId) {
+  $(inputId).addEventListener("change", (ev) => {
+    const file = ev.target.files[0];
+    const img = $(imgId);
+    if (previewUrls[imgId]) URL.revokeObjectURL(previewUrls[imgId]);
+    previewUrls[imgId] = file ? URL.createObjectURL(file) : null;
+    if (file) img.src = previewUrls[imgId]; else img.removeAttribute("src");
+    img.closest("figure").hidden = !file;
+  });
+}
+showUpload("#caption-image", "#caption-preview");
+showUpload("#ask-image", "#ask-preview");
+showUpload("#edit-image", "#edit-preview");
+
 formTask("#caption-form", "/v1/captions", "#caption-status", (r) => { $("#caption-out").textContent = r.caption; });
-formTask("#ask-form", "/v1/answers", "#ask-status", (r) => { $("#ask-out").textContent = r.answer; });
-formTask("#edit-form", "/v1/images/edits", "#edit-status",
-  (r, data) => addToGallery(r.data.map((d) => d.b64_json), `edit: ${data.get("prompt")}`, null));
+formTask("#ask-form", "/v1/answers", "#ask-status", (r, data) => {
+  const out = $("#ask-out");
+  const q = document.createElement("p"), a = document.createElement("p");
+  q.className = "question"; q.textContent = `Q: ${data.get("question")}`;
+  a.textContent = `A: ${r.answer}`;
+  out.replaceChildren(q, a);
+});
+// Each edit gets a row of its own, newest first: the image sent (before), then the edited image(s) (after).
+formTask("#edit-form", "/v1/images/edits", "#edit-status", (r, data) => {
+  const row = document.createElement("div");
+  row.className = "edit-result";
+  const title = document.createElement("p");
+  title.className = "edit-instruction";
+  title.textContent = `edit: ${data.get("prompt")}`;
+  const pair = document.createElement("div");
+  pair.className = "gallery";
+  const before = figureFromUrl(URL.createObjectURL(data.get("image")), "before");
+  before.classList.add("before");
+  pair.appendChild(before);
+  r.data.forEach((d, i) => {
+    const after = figure(d.b64_json, r.data.length > 1 ? `after (${i + 1})` : "after");
+    after.classList.add("after");
+    pair.appendChild(after);
+  });
+  row.append(title, pair);
+  $("#edit-out").insertBefore(row, $("#edit-out").firstChild);
+});
