@@ -224,7 +224,9 @@ GEN = "/v1/images/generations"
     ({"prompt": "a", "response_format": "url"}, "b64_json"),
     ({"prompt": "a", "response_format": "png"}, "b64_json"),
     ({"prompt": "a", "size": "big"}, "size"),
-    ({"prompt": "a", "size": "256x256"}, f"{RES}x{RES}"),
+    ({"prompt": "a", "size": "100x100"}, f"{RES}x{RES}"),  # not a multiple of the native size
+    ({"prompt": "a", "size": f"{2 * RES}x{RES}"}, f"{RES}x{RES}"),  # not square
+    ({"prompt": "a", "size": "4096x4096"}, "2048x2048"),  # past the largest upscale
     ({"prompt": "a", "temperature": 0}, "temperature"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
     ({"prompt": "a", "retrieve": 3}, "retrieve"),

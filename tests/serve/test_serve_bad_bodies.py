@@ -52,7 +52,8 @@ def test_the_message_for_a_missing_comma() -> None:
 def test_malformed_json_is_422_and_says_where(client: TestClient, url: str, body: bytes) -> None:
     r = client.post(url, content=body, headers=JSON_HEADERS)
     assert r.status_code == 422
-    assert r.json() == {"error": {"message": _python_says(body), "type": "invalid_request_error"}}
+    assert r.json() == {"error": {"message": _python_says(body), "type": "invalid_request_error", "param": None,
+                                  "code": "invalid_json"}}
 
 
 @pytest.mark.parametrize("url", ENDPOINTS)
@@ -60,7 +61,7 @@ def test_non_utf8_body_is_422_with_a_message(client: TestClient, url: str) -> No
     r = client.post(url, content=b'{"prompt": "caf\xe9"}', headers=JSON_HEADERS)  # Latin-1, not UTF-8
     assert r.status_code == 422
     err = r.json()["error"]
-    assert err["type"] == "invalid_request_error"
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_json"
     assert err["message"] == ("request body is not valid JSON: it is not UTF-8 text (utf-8 cannot decode byte 0xe9 "
                               "at position 15); send UTF-8 encoded JSON")
 

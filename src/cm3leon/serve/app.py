@@ -1,17 +1,19 @@
 """HTTP API and web page over the pipeline (thin: every model call is a ``CM3Leon`` method).
 
-Endpoints (see ``docs/serving.md``):
+Endpoints (see ``docs/serving.md``), shaped like the OpenAI Images API where OpenAI has one:
 
-- ``POST /v1/images/generations`` JSON, shaped like the OpenAI Images API; ``.../stream``
-  the same body answered with server-sent events (partial images, then the result);
-- ``POST /v1/images/edits``, ``/v1/captions``, ``/v1/answers``: multipart/form-data with
-  an ``image`` file field plus text fields;
+- ``POST /v1/images/generations`` JSON; ``.../stream`` the same body answered with
+  server-sent events (partial images, then the result);
+- ``POST /v1/images/edits``, ``/v1/images/variations``, ``/v1/captions``, ``/v1/answers``:
+  multipart/form-data with an ``image`` file field plus text fields;
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the served model in OpenAI's shape;
 - ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /v1/info``, ``GET /`` (the page),
-  ``/openapi.json`` and ``/docs``.
+  ``/openapi.json``, ``/docs`` (Swagger UI from local files: no CDN), ``/favicon.ico``.
 
 Every model call goes through one :class:`~cm3leon.serve.batcher.DynamicBatcher` (one
 worker thread): concurrent requests with the same settings become one batched pipeline
-call. Errors are JSON ``{"error": {"message", "type"}}`` with a message that says what to fix.
+call. Errors are OpenAI's JSON ``{"error": {"message", "type", "param", "code"}}`` with a
+message that says what to fix.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import (
@@ -55,7 +59,11 @@ from cm3leon.tokenize.image_vq_preprocess import check_pixel_limit
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI's files, served at /docs-assets
 MAX_N = 16  # images per request
+MAX_SIDE = 2048  # the largest upscaled size (pixels per side) a request may ask for
+MAX_FORM_FILES = 16  # file parts read from one form (more than one image is refused with a message)
+VARIATION_CAPTION_TOKENS = 64  # the caption of a variation: /v1/captions' default, so they share batches
 _FORM_SLACK = 64 * 1024  # multipart boundaries and text fields on top of the image
 
 
@@ -91,12 +99,16 @@ class ServeConfig:
 
 # ============================================================================ errors
 class APIError(StarletteHTTPException):
-    """An error answered as ``{"error": {"message", "type"}}`` with ``status``."""
+    """An error answered as OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with ``status``.
+
+    ``param`` names the request field at fault (None when no one field is), ``code`` is a short
+    machine-readable reason (None when the status and type say it all).
+    """
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
-        self.kind = kind
+        self.kind, self.param, self.code = kind, param, code
 
 
 class PayloadTooLarge(APIError):
@@ -112,25 +124,37 @@ _STATUS_KIND = {400: "invalid_request_error", 404: "not_found", 405: "method_not
                 500: "server_error", 503: "server_error", 504: "timeout"}
 
 
-def _error(status: int, message: str, kind: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: every key always present (``param`` and ``code`` may be null)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(status: int, message: str, kind: str | None = None, headers: dict[str, str] | None = None, *,
+           param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = kind or _STATUS_KIND.get(status, "error")
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
-def _validation_message(errors: Sequence[Any], fields: Sequence[str]) -> str:
-    """One readable sentence per pydantic error (unknown fields list the allowed ones)."""
-    parts = []
+def _validation_error(errors: Sequence[Any], fields: Sequence[str]) -> APIError:
+    """A 422 with one readable sentence per pydantic error (unknown fields list the allowed ones);
+    ``param`` and ``code`` describe the first error."""
+    parts, params, codes = [], [], []
     for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
         where = ".".join(loc) or "body"
+        params.append(loc[0] if loc else None)
         if e.get("type") == "extra_forbidden":
             parts.append(f"unknown field {where!r}; allowed fields: {', '.join(fields)}")
+            codes.append("unknown_parameter")
         elif e.get("type") == "missing":
             parts.append(f"field {where!r} is required")
+            codes.append("missing_required_parameter")
         else:
             msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
             parts.append(f"{where}: {msg}")
-    return "; ".join(parts) or "invalid request"
+            codes.append("invalid_value")
+    return APIError(422, "; ".join(parts) or "invalid request", param=params[0] if params else None,
+                    code=codes[0] if codes else None)
 
 
 def _json_error_message(error: dict[str, Any], body: Any) -> str:
@@ -165,14 +189,28 @@ def _b64_only(v: str) -> str:
     return v
 
 
-class ImageGenerationRequest(_Strict):
+_SIZE = r"^(\d+x\d+|auto)$"
+_SIZE_HELP = ("'auto', the model's resolution 'RxR' (see /v1/info), or a square integer multiple of it "
+              "('2Rx2R', ...), upscaled with nearest-neighbour")
+_IGNORED = "accepted for OpenAI clients and ignored"
+
+
+class _OpenAIFields(_Strict):
+    """Fields OpenAI clients send that this server accepts and ignores (one model, one quality)."""
+
+    model: str | None = Field(None, max_length=256, description=f"{_IGNORED}: one model is served (GET /v1/models)")
+    quality: str | None = Field(None, max_length=64, description=f"{_IGNORED}: the model has one quality")
+    style: str | None = Field(None, max_length=64, description=f"{_IGNORED}: the prompt sets the style")
+    user: str | None = Field(None, max_length=256, description=f"{_IGNORED}: nothing is logged per user")
+
+
+class ImageGenerationRequest(_OpenAIFields):
     """Text-to-image (OpenAI Images API shape plus CM3Leon's decoding options)."""
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="what to draw")
     n: int = Field(1, ge=1, le=MAX_N, description="images to generate")
     response_format: str = Field("b64_json", description="only 'b64_json' (PNG, base64)")
-    size: str | None = Field(None, pattern=r"^\d+x\d+$", description="'RxR'; must be the model's resolution")
-    model: str | None = Field(None, description="accepted for OpenAI clients and ignored: one model is served")
+    size: str | None = Field(None, pattern=_SIZE, description=_SIZE_HELP)
     guidance: float | None = Field(None, ge=0.0, le=100.0,
                                    description="classifier-free guidance scale "
                                    "(1 = off; default: the model's generation_config.json)")
@@ -199,12 +237,14 @@ class ImageGenerationRequest(_Strict):
         return _b64_only(v)
 
 
-class EditForm(_Strict):
-    """Image editing (instruct-CFG over three streams, paper §4.1); sent with an ``image`` file."""
+class EditForm(_OpenAIFields):
+    """Image editing (instruct-CFG over three streams, paper §4.1); sent with one ``image`` file
+    (``image[]`` with one file, as the OpenAI SDK sends ``image=[f]``, works too; ``mask`` is refused)."""
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="the edit instruction")
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: str = "b64_json"
+    size: str | None = Field(None, pattern=_SIZE, description=_SIZE_HELP)
     image_guidance: float | None = Field(None, ge=0.0, le=100.0,
                                          description="default: the model's generation_config.json")
     text_guidance: float | None = Field(None, ge=0.0, le=100.0,
@@ -217,6 +257,20 @@ class EditForm(_Strict):
     @classmethod
     def _check_prompt(cls, v: str) -> str:
         return _nonempty(v, "prompt")
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_format(cls, v: str) -> str:
+        return _b64_only(v)
+
+
+class VariationForm(_OpenAIFields):
+    """Variations of an uploaded image: the model captions it, then draws ``n`` images of the caption."""
+
+    n: int = Field(1, ge=1, le=MAX_N)
+    response_format: str = "b64_json"
+    size: str | None = Field(None, pattern=_SIZE, description=_SIZE_HELP)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="fixes the images (the caption is greedy)")
 
     @field_validator("response_format")
     @classmethod
@@ -278,8 +332,14 @@ class ImagesOut:
     retrieved: list[str] | None = None
 
 
-def png_b64(img: Image.Image) -> str:
-    """Base64 of an image encoded as PNG."""
+def png_b64(img: Image.Image, scale: int = 1) -> str:
+    """Base64 of an image encoded as PNG, first upscaled ``scale`` times with nearest-neighbour.
+
+    Nearest-neighbour because the model's output is VQ tokens at its native resolution: every
+    pixel it made becomes a ``scale`` x ``scale`` block, and no detail it did not make is invented.
+    """
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = BytesIO()
     img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -293,6 +353,9 @@ class PipelineRunner:
     fresh object for seeded requests, so a seeded request runs alone and equals the
     pipeline's own result for that seed; unseeded batches draw a random seed.
     A request for n images fills n rows: its prompt is repeated n times (n=1 each).
+    Payloads: generate ``(prompt, n, scale)``, edit ``(image, instruction, n, scale)``; ``scale``
+    is the request's own integer upscale of its PNGs (see :func:`png_b64`), so requests of
+    different sizes still share a batch.
     """
 
     def __init__(self, pipe: CM3Leon) -> None:
@@ -336,7 +399,7 @@ class PipelineRunner:
             cd_k=s.cd_k, retrieve=s.retrieve, rerank=s.rerank, seed=self._seed(s.seed), callback=callback,
         )
         out: list[Any] = []
-        for a, b in spans:
+        for j, (a, b) in zip(jobs, spans):
             mine = results[a:b]
             images = [r.images[0] for r in mine]
             scores = None
@@ -344,7 +407,7 @@ class PipelineRunner:
                 raw = [float(r.scores[0]) for r in mine]  # type: ignore[index]
                 order = sorted(range(len(images)), key=lambda i: -raw[i])  # stable, like the pipeline's
                 images, scores = [images[i] for i in order], [raw[i] for i in order]
-            out.append(ImagesOut([png_b64(im) for im in images], scores, mine[0].retrieved))
+            out.append(ImagesOut([png_b64(im, j.payload[2]) for im in images], scores, mine[0].retrieved))
         return out
 
     def _preview(self, codes: torch.Tensor, L: int) -> list[str]:
@@ -362,7 +425,7 @@ class PipelineRunner:
         out: list[Any] = []
         lo = 0
         for j in jobs:
-            out.append(ImagesOut([png_b64(g[0]) for g in got[lo : lo + j.payload[2]]]))
+            out.append(ImagesOut([png_b64(g[0], j.payload[3]) for g in got[lo : lo + j.payload[2]]]))
             lo += j.payload[2]
         return out
 
@@ -468,13 +531,15 @@ def decode_upload(data: bytes, name: str, *, max_pixels: int) -> Image.Image:
 
 
 def _model_fields(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+    """The fields of ``model``, the ignored OpenAI ones last."""
+    ignored = list(_OpenAIFields.model_fields) if issubclass(model, _OpenAIFields) else []
+    return [f for f in model.model_fields if f not in ignored] + ignored
 
 
-def _multipart_openapi(model: type[BaseModel]) -> dict[str, Any]:
+def _multipart_openapi(model: type[BaseModel], image_help: str = "PNG, JPEG or WebP") -> dict[str, Any]:
     """OpenAPI requestBody for a form endpoint (the form is parsed by hand, so FastAPI cannot infer it)."""
     schema = model.model_json_schema()
-    schema["properties"] = {"image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"},
+    schema["properties"] = {"image": {"type": "string", "format": "binary", "description": image_help},
                             **schema.get("properties", {})}
     schema["required"] = ["image", *schema.get("required", [])]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
@@ -504,13 +569,17 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         finally:
             batcher.stop()
 
-    app = FastAPI(title="CM3Leon", version="0.1.0", lifespan=lifespan,
-                  description="Text-to-image, image editing, captioning and VQA with one CM3Leon model. "
-                  "Errors are JSON {'error': {'message', 'type'}}.")
+    app = FastAPI(title="CM3Leon", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Text-to-image, image editing and variations, captioning and VQA with one CM3Leon "
+                  "model, shaped like the OpenAI Images API. Errors are JSON "
+                  "{'error': {'message', 'type', 'param', 'code'}}.")
     app.state.batcher, app.state.metrics, app.state.pipe, app.state.cfg = batcher, metrics, pipe, cfg
     app.add_middleware(_Observe, metrics=metrics, upload_limit=cfg.max_upload_bytes,
                        paths=lambda: {getattr(r, "path", None) for r in app.routes})
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    created = int(time.time())  # the "created" of the served model in /v1/models
+    max_scale = max(1, MAX_SIDE // resolution)
 
     # ---- error handlers -------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -518,8 +587,9 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         # FastAPI validates the JSON bodies (generation requests); forms are validated in read_form
         bad_json = [e for e in exc.errors() if e.get("type") == "json_invalid"]
         if bad_json:
-            return _error(422, _json_error_message(bad_json[0], exc.body))
-        return _error(422, _validation_message(exc.errors(), _model_fields(ImageGenerationRequest)))
+            return _error(422, _json_error_message(bad_json[0], exc.body), code="invalid_json")
+        err = _validation_error(exc.errors(), _model_fields(ImageGenerationRequest))
+        return _error(422, str(err.detail), param=err.param, code=err.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -527,12 +597,14 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI reading a JSON body
             e = exc.__cause__
             return _error(422, f"request body is not valid JSON: it is not UTF-8 text ({e.encoding} cannot decode "
-                          f"byte 0x{e.object[e.start]:02x} at position {e.start}); send UTF-8 encoded JSON")
+                          f"byte 0x{e.object[e.start]:02x} at position {e.start}); send UTF-8 encoded JSON",
+                          code="invalid_json")
         if exc.status_code == 404 and msg == "Not Found":
             msg = f"no endpoint {request.url.path}; see /docs for the API"
         elif exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}; see /docs for the API"
-        return _error(exc.status_code, msg, getattr(exc, "kind", None), getattr(exc, "headers", None))
+        return _error(exc.status_code, msg, getattr(exc, "kind", None), getattr(exc, "headers", None),
+                      param=getattr(exc, "param", None), code=getattr(exc, "code", None))
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
@@ -577,27 +649,43 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
                 log.info("client left; request on %s dropped", request.url.path)
                 return None
 
+    def size_scale(size: str | None) -> int:
+        """The integer upscale of a request's ``size``: 1 for the native size (or none, or 'auto')."""
+        if size is None or size == "auto":
+            return 1
+        w, h = (int(x) for x in size.split("x"))
+        if w == h and w % resolution == 0 and 1 <= w // resolution <= max_scale:
+            return w // resolution
+        r = resolution
+        multiples = ", ".join(f"'{k * r}x{k * r}'" for k in range(2, min(max_scale, 4) + 1))
+        largest = f"'{max_scale * r}x{max_scale * r}'"
+        accepted = f"'{r}x{r}' (native)"
+        if max_scale > 1:
+            accepted += f" or a square multiple of it up to {largest}: {multiples}{', ...' if max_scale > 4 else ''}"
+            accepted += " (upscaled with nearest-neighbour)"
+        raise APIError(422, f"size {size!r} is not available: this model makes {r}x{r} images; "
+                       f"pass {accepted}, or omit size", param="size", code="invalid_size")
+
     def gen_job(req: ImageGenerationRequest, progress: Any = None) -> Job:
-        if req.size is not None and req.size != f"{resolution}x{resolution}":
-            raise APIError(422, f"size {req.size!r} is not available: this model makes {resolution}x{resolution} "
-                           f"images; omit size or pass '{resolution}x{resolution}'")
+        scale = size_scale(req.size)
         d = pipe.defaults("text_to_image", guidance=req.guidance, temperature=req.temperature, top_p=req.top_p,
                           top_k=req.top_k, retrieve=req.retrieve)
         rerank = (d.rerank and pipe.reranker is not None) if req.rerank is None else req.rerank
         if req.retrieve and pipe.retriever is None:
             raise APIError(400, "retrieve > 0 needs a retrieval memory in the model directory "
-                           "(retrieval/encoder, retrieval/bank, retrieval/memory); use retrieve=0")
+                           "(retrieval/encoder, retrieval/bank, retrieval/memory); use retrieve=0", param="retrieve")
         if req.rerank and pipe.reranker is None:
             raise APIError(400, "rerank needs an encoder in the model directory (reranker/ or retrieval/encoder); "
-                           "use rerank=false")
+                           "use rerank=false", param="rerank")
         n_tokens = len(pipe.text_ids(req.prompt)) + 2 + L
         if n_tokens > pipe.model.cfg.max_seq_len:
             raise APIError(422, f"the prompt is {n_tokens - 2 - L} tokens long; with the {L} image tokens it "
-                           f"exceeds the model's context of {pipe.model.cfg.max_seq_len}; shorten it")
+                           f"exceeds the model's context of {pipe.model.cfg.max_seq_len}; shorten it",
+                           param="prompt", code="context_length_exceeded")
         s = GenSettings(d.sampling.guidance, d.sampling.temperature, d.sampling.top_p, d.sampling.top_k, req.cd_k,
                         d.retrieve if pipe.retriever is not None else 0, rerank, req.seed)
         token = object() if req.seed is not None else None
-        return submit(("generate", s, token), (req.prompt, req.n), req.n, progress)
+        return submit(("generate", s, token), (req.prompt, req.n, scale), req.n, progress)
 
     def images_body(out: ImagesOut) -> dict[str, Any]:
         data = [{"b64_json": b} for b in out.b64]
@@ -609,46 +697,94 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
             body["retrieved"] = out.retrieved
         return body
 
-    async def read_form(request: Request, model: type[BaseModel]) -> tuple[Any, Image.Image]:
+    async def read_form(request: Request, model: type[BaseModel], *,
+                        refuse_mask: bool = False) -> tuple[Any, Image.Image]:
+        """The validated text fields and the one uploaded image of a multipart form.
+
+        The image is the file field ``image``, or ``image[]`` holding one file (the OpenAI SDK's
+        list form, ``image=[f]``). With ``refuse_mask`` a ``mask`` (file or text) is a 422 that says
+        masks are not supported.
+        """
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise APIError(415, f"send multipart/form-data with the image as a file field named 'image', "
                            f"e.g. curl -F image=@photo.png ... (got content-type {ctype or 'none'!r})")
         try:
-            form = await request.form(max_files=1, max_fields=32, max_part_size=8 * MAX_PROMPT_CHARS)
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=32, max_part_size=8 * MAX_PROMPT_CHARS)
         except PayloadTooLarge:
             raise
         except StarletteHTTPException as e:
             raise APIError(400, f"could not read the form ({e.detail}); send one 'image' file and text fields") from e
         fields: dict[str, Any] = {}
-        upload = None
+        uploads: list[UploadFile] = []
         for k, v in form.multi_items():
+            if k == "mask" and refuse_mask:
+                raise APIError(422, "mask is not supported: this model edits from instructions; omit mask and "
+                               "say in the prompt what to change", param="mask", code="unsupported_parameter")
             if isinstance(v, UploadFile):
-                if k != "image":
-                    raise APIError(422, f"unexpected file field {k!r}; send the image as a file field named 'image'")
-                upload = v
-            elif k == "image":
-                raise APIError(422, "field 'image' must be a file upload (curl -F image=@photo.png), not text")
+                if k not in ("image", "image[]"):
+                    raise APIError(422, f"unexpected file field {k!r}; send the image as a file field named 'image'",
+                                   param=k, code="unknown_parameter")
+                uploads.append(v)
+            elif k in ("image", "image[]"):
+                raise APIError(422, "field 'image' must be a file upload (curl -F image=@photo.png), not text",
+                               param="image", code="invalid_value")
             else:
                 fields[k] = v
-        if upload is None:
-            raise APIError(422, "field 'image' is required: upload the image as a file field named 'image'")
+        if not uploads:
+            raise APIError(422, "field 'image' is required: upload the image as a file field named 'image'",
+                           param="image", code="missing_required_parameter")
+        if len(uploads) > 1:
+            raise APIError(422, f"got {len(uploads)} images; this endpoint takes 1 image per request (the model "
+                           "conditions on a single image): send one, or one request per image",
+                           param="image", code="too_many_images")
+        upload = uploads[0]
         try:
             parsed = model.model_validate(fields)
         except ValidationError as e:
-            raise APIError(422, _validation_message(e.errors(), ["image", *_model_fields(model)])) from e
+            raise _validation_error(e.errors(), ["image", *_model_fields(model)]) from e
         data = await upload.read()
         if len(data) > cfg.max_upload_bytes:
             raise APIError(413, f"the image is {len(data) / 2**20:.1f} MiB; the limit is "
-                           f"{cfg.max_upload_bytes / 2**20:.1f} MiB: downscale or re-encode it", "payload_too_large")
+                           f"{cfg.max_upload_bytes / 2**20:.1f} MiB: downscale or re-encode it", "payload_too_large",
+                           param="image")
         name = upload.filename or "image"
         img = await asyncio.to_thread(decode_upload, data, name, max_pixels=cfg.max_image_pixels)
         return parsed, img
+
+    def served_model() -> dict[str, Any]:
+        return {"id": cfg.model_name, "object": "model", "created": created, "owned_by": "cm3leon"}
 
     # ---- routes ---------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        # Swagger UI from the files fastapi-offline ships (no CDN); no validator badge (it would call out).
+        # No /redoc: ReDoc loads its logo from a CDN.
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="CM3Leon API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/favicon.ico",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The served model, in OpenAI's list shape: ``{"object": "list", "data": [{"id", "object", ...}]}``."""
+        return {"object": "list", "data": [served_model()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str) -> dict[str, Any]:
+        """The served model by its id (the model directory's name); 404 for any other id."""
+        if model_id != cfg.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server serves {cfg.model_name!r} "
+                           "(GET /v1/models)", "invalid_request_error", param="model", code="model_not_found")
+        return served_model()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -666,6 +802,7 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         """What this server's model can do (the web page reads it)."""
         return {
             "model": cfg.model_name, "size": f"{resolution}x{resolution}", "tokens_per_image": L,
+            "max_size": f"{max_scale * resolution}x{max_scale * resolution}",
             "max_n": MAX_N, "retrieval": pipe.retriever is not None, "rerank": pipe.reranker is not None,
             "max_batch": cfg.max_batch, "max_upload_bytes": cfg.max_upload_bytes,
             "context": pipe.model.cfg.max_seq_len, "defaults": pipe.generation_config.to_dict(),
@@ -703,8 +840,7 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         metrics.cancelled.labels("queued" if batcher.cancel(job) else "running").inc()
-                        yield sse("error", {"error": {"message": f"not finished within {cfg.timeout_s:g} s",
-                                                      "type": "timeout"}})
+                        yield sse("error", _error_body(f"not finished within {cfg.timeout_s:g} s", "timeout"))
                         return
                     getter = asyncio.ensure_future(events.get())
                     await asyncio.wait({getter, job.future}, timeout=min(0.25, remaining),
@@ -718,10 +854,10 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
                 while not events.empty():
                     yield sse("progress", events.get_nowait())
                 if job.future.cancelled():
-                    yield sse("error", {"error": {"message": "cancelled", "type": "server_error"}})
+                    yield sse("error", _error_body("cancelled", "server_error"))
                 elif job.future.exception() is not None:
                     err = job_error(job.future.exception())  # type: ignore[arg-type]
-                    yield sse("error", {"error": {"message": err.detail, "type": err.kind}})
+                    yield sse("error", _error_body(err.detail, err.kind, err.param, err.code))
                 else:
                     yield sse("result", images_body(job.future.result()))
             finally:
@@ -731,16 +867,48 @@ def create_app(pipe: CM3Leon, cfg: ServeConfig = ServeConfig()) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/images/edits", openapi_extra=_multipart_openapi(EditForm))
+    @app.post("/v1/images/edits", openapi_extra=_multipart_openapi(
+        EditForm, "PNG, JPEG or WebP; also accepted as 'image[]' holding one file"))
     async def edits(request: Request) -> Any:
-        """Edit an uploaded image following ``prompt``; returns the generations body."""
-        form, img = await read_form(request, EditForm)
+        """Edit an uploaded image following ``prompt``; returns the generations body. No ``mask``."""
+        form, img = await read_form(request, EditForm, refuse_mask=True)
+        scale = size_scale(form.size)
         d = pipe.defaults("edit", image_guidance=form.image_guidance, text_guidance=form.text_guidance,
                           temperature=form.temperature, top_p=form.top_p).sampling
         s = EditSettings(d.image_guidance, d.text_guidance, d.temperature, d.top_p, form.seed)
         token = object() if form.seed is not None else None
-        out = await wait_job(request, submit(("edit", s, token), (img, form.prompt, form.n), form.n))
+        out = await wait_job(request, submit(("edit", s, token), (img, form.prompt, form.n, scale), form.n))
         return Response(status_code=499) if out is None else images_body(out)
+
+    @app.post("/v1/images/variations", openapi_extra=_multipart_openapi(VariationForm))
+    async def variations(request: Request) -> Any:
+        """Variations of an uploaded image: the model captions it (greedy, as ``/v1/captions``), then
+        draws ``n`` images of that caption (as ``/v1/images/generations``); each item's
+        ``revised_prompt`` is the caption."""
+        form, img = await read_form(request, VariationForm)
+        size_scale(form.size)  # a bad size is refused before any model work
+        caption = await wait_job(request, submit(("caption", False, VARIATION_CAPTION_TOKENS), img, 1))
+        if caption is None:
+            return Response(status_code=499)
+        prompt = fit_prompt(caption)
+        if not prompt:
+            raise APIError(500, "the model's caption of this image is empty, so there is nothing to draw a variation "
+                           "of; use /v1/images/edits with a prompt instead", "server_error", code="empty_caption")
+        req = ImageGenerationRequest(prompt=prompt, n=form.n, size=form.size, seed=form.seed)
+        out = await wait_job(request, gen_job(req))
+        if out is None:
+            return Response(status_code=499)
+        body = images_body(out)
+        for item in body["data"]:
+            item["revised_prompt"] = prompt
+        return body
+
+    def fit_prompt(caption: str) -> str:
+        """``caption`` cut (at the end) until it fits the context with the image tokens."""
+        text = caption.strip()[:MAX_PROMPT_CHARS]
+        while text and len(pipe.text_ids(text)) + 2 + L > pipe.model.cfg.max_seq_len:
+            text = text[: len(text) * 9 // 10].rstrip()
+        return text
 
     @app.post("/v1/captions", openapi_extra=_multipart_openapi(CaptionForm))
     async def captions(request: Request) -> Any:
