@@ -55,10 +55,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     print(f"\nreport: {args.out}/report.html  ({args.out}/report.json)")
+    print(f"  {'task':8s} {'metric':30s} {'SFT':>6s} {'pretrained':>10s}  target (judged on the SFT model)")
     for row in report["metrics"]:
         tgt = ("" if row["target"] is None
-               else f"  (target {row['target']:.2f}: {'ok' if row['meets_target'] else 'MISSED'})")
-        pre = "" if row["pretrained"] is None else f"  pretrained-only {row['pretrained']:.3f}"
-        print(f"  {row['task']:8s} {row['metric']:30s} {row['sft']:.3f}{pre}{tgt}")
+               else f"  {row['target']:.2f}: {'met' if row['meets_target'] else 'MISSED'}")
+        pre = "" if row["pretrained"] is None else f"{row['pretrained']:.3f}"
+        print(f"  {row['task']:8s} {row['metric']:30s} {row['sft']:6.3f} {pre:>10s}{tgt}")
     print(f"stage seconds: {json.dumps({k: round(v, 1) for k, v in report['stage_seconds'].items()})}")
     return 0
