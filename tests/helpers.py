@@ -13,7 +13,9 @@ module importable from every test folder, and from benchmarks that put ``tests/`
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
+import tarfile
 import tempfile
 import threading
 import time
@@ -156,3 +158,12 @@ def live_server(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar file (a WebDataset shard) holding ``members`` as (name, bytes) in that order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))

@@ -25,6 +25,7 @@ from cm3leon.data.sources import (
     detect_kind,
     open_source,
 )
+from helpers import write_tar
 
 
 def _img(seed: int, size: tuple[int, int] = (12, 10)) -> Image.Image:
@@ -178,24 +179,16 @@ def test_coco_source(tmp_path: Path):
 # ------------------------------------------------------------------ WebDataset
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 def test_webdataset_source(tmp_path: Path):
     d = tmp_path / "wds"
     d.mkdir()
-    _tar(d / "shard-00000.tar", [
+    write_tar(d / "shard-00000.tar", [
         ("000.jpg", _bytes(GOOD[0])), ("000.txt", b"zero"), ("000.json", b'{"url": "u0"}'),
         ("001.jpg", _bytes(GOOD[1])), ("001.json", b'{"caption": "one from json"}'),
         ("002.jpg", CORRUPT), ("002.txt", b"bad image"),
         ("003.jpg", _bytes(GOOD[2])),  # no caption at all
     ])
-    _tar(d / "shard-00001.tar", [("004.png", _bytes(GOOD[3])), ("004.txt", b"four"),
+    write_tar(d / "shard-00001.tar", [("004.png", _bytes(GOOD[3])), ("004.txt", b"four"),
                                  ("005.png", _bytes(GOOD[0], "PNG")), ("005.txt", b"five")])
     full = (d / "shard-00001.tar").read_bytes()
     with tarfile.open(d / "shard-00001.tar") as tf:

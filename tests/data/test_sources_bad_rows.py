@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 from cm3leon.data.dataset import Dataset, write_dataset
 from cm3leon.data.records import DocRecord
 from cm3leon.data.sources import NoGoodRowsError, open_source
+from helpers import write_tar
 
 
 def _png(seed: int) -> bytes:
@@ -25,14 +25,6 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def _images(d: Path, names: list[str]) -> None:
@@ -63,7 +55,7 @@ def test_1_jsonl_caption_that_is_not_a_string(tmp_path: Path):
 
 def test_1_webdataset_json_caption_that_is_not_a_string(tmp_path: Path):
     shard = tmp_path / "shard-00000.tar"
-    _tar(shard, [("000.png", _png(0)), ("000.json", b'{"caption": 42}'),
+    write_tar(shard, [("000.png", _png(0)), ("000.json", b'{"caption": 42}'),
                  ("001.png", _png(1)), ("001.json", b'{"caption": "one"}'),
                  ("002.png", _png(2)), ("002.json", b'{"caption": [1, 2], "text": "two"}'),
                  ("003.png", _png(3)), ("003.json", b'{"caption": null, "text": false}')])
@@ -143,7 +135,7 @@ def test_2_bad_line_or_file_is_counted_and_the_rest_is_read(tmp_path: Path, capl
     (pqd / "0-corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
     pq.write_table(pa.table({"image": [_png(0), _png(1)], "text": ["x", "y"]}), pqd / "1-good.parquet")
     shard = tmp_path / "s.tar"
-    _tar(shard, [("0.png", _png(0)), ("0.txt", b"good"), ("1.png", _png(1)), ("1.txt", b"\xff\xfe bad")])
+    write_tar(shard, [("0.png", _png(0)), ("0.txt", b"good"), ("1.png", _png(1)), ("1.txt", b"\xff\xfe bad")])
     with caplog.at_level(logging.WARNING, logger="cm3leon.data.sources"):
         recs, skipped, summary = _read(open_source(pqd))
         assert [r.text for r in recs] == ["x", "y"] and skipped == {"corrupt_file": 1}

@@ -23,13 +23,8 @@ TINY = VQConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models gain nothing from threads, and on a shared CPU extra threads stall each other.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n: int = 3, r: int = 16, seed: int = 0) -> torch.Tensor:

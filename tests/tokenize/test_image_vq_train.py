@@ -25,13 +25,8 @@ FAST = VQTrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2
                      checkpoint_every=2, restart_every=0, eval_batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models gain nothing from threads, and on a shared CPU extra threads stall each other.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pil_shapes(n: int, size: int = 16, seed: int = 0) -> list[Image.Image]:
