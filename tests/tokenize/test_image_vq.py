@@ -468,7 +468,7 @@ def test_from_pretrained_truncated_weights(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="truncated or corrupt"):
         ImageTokenizer.from_pretrained(tmp_path)
 
 

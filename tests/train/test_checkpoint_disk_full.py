@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file as real_save_file
 
-from cm3leon.model import io as model_io
-from cm3leon.model.io import WriteError, load_model, save_model, write_safetensors
+from cm3leon import safetensors_io as sio
+from cm3leon.model.io import load_model, save_model
 from cm3leon.model.transformer import Transformer
+from cm3leon.safetensors_io import WriteError, write_safetensors
 from cm3leon.train import checkpoint as ck
 from cm3leon.train.config import TrainConfig
 from cm3leon.train.loop import train
@@ -107,7 +108,7 @@ def test_model_write_on_a_full_disk_keeps_the_old_weights(tmp_path, monkeypatch)
     torch.manual_seed(0)
     model = Transformer(tiny_model_config())
     save_model(model, tmp_path / "m")
-    monkeypatch.setattr(model_io, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(sio, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(WriteError) as info:
         save_model(Transformer(tiny_model_config()), tmp_path / "m")
     _assert_one_line_disk_full(info.value, tmp_path / "m")
@@ -117,7 +118,7 @@ def test_model_write_on_a_full_disk_keeps_the_old_weights(tmp_path, monkeypatch)
 
 
 def test_write_safetensors_reports_other_os_errors_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_io, "save_file", _fail_on_call(1, PermissionError(errno.EACCES, "Permission denied")))
+    monkeypatch.setattr(sio, "save_file", _fail_on_call(1, PermissionError(errno.EACCES, "Permission denied")))
     with pytest.raises(WriteError, match=r"could not write the weights to .*: Permission denied \(needs about 16 b"):
         write_safetensors({"w": torch.ones(4)}, tmp_path / "w.safetensors", what="the weights")
     assert list(tmp_path.iterdir()) == []
@@ -152,7 +153,7 @@ def test_encoder_save_on_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
     tok = TextTokenizer.train(["a red circle", "a blue square"] * 4, 280)
     cfg = DualEncoderConfig(vocab_size=tok.vocab_size, dim=16, width=16, text_layers=1, text_heads=2,
                             max_text_len=16, image_size=16, channels=(8, 16))
-    monkeypatch.setattr(model_io, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(sio, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(WriteError) as info:
         DualEncoder(DualEncoderModel(cfg), tok).save(tmp_path / "enc")
     _assert_one_line_disk_full(info.value, tmp_path / "enc")
@@ -184,14 +185,14 @@ def test_training_stops_cleanly_on_a_full_disk_and_resumes(tmp_path, monkeypatch
 
 def test_final_model_write_on_a_full_disk_says_the_checkpoint_holds_the_run(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(model_io, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(sio, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(WriteError) as info:
         train(tiny_model_config(), _tc(), SynthData(n=8), out, vocab=VOCAB, progress=False)
     msg = str(info.value)
     assert msg.startswith("training finished at step 4 but could not write the model weights"), msg
     assert f"checkpoint {out / 'checkpoints' / 'step-00000004'} holds the finished run" in msg
     assert _leftovers(out) == []
-    monkeypatch.setattr(model_io, "save_file", real_save_file)
+    monkeypatch.setattr(sio, "save_file", real_save_file)
     res = train(tiny_model_config(), _tc(), SynthData(n=8), out, vocab=VOCAB, resume=True, progress=False)
     assert res.status == "completed" and load_model(out).cfg == tiny_model_config()
 

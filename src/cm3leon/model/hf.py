@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.io import check_state_dict, read_safetensors
+from cm3leon.model.io import check_state_dict
 from cm3leon.model.transformer import Transformer
+from cm3leon.safetensors_io import read_safetensors
 from cm3leon.vocab import Vocab
 
 if TYPE_CHECKING:

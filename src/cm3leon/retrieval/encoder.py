@@ -285,7 +285,7 @@ class DualEncoder(Encoder):
         d.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(d / TOKENIZER_DIR)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        from cm3leon.model.io import write_safetensors  # a failed write (disk full): one-line WriteError
+        from cm3leon.safetensors_io import write_safetensors  # a failed write (disk full): one-line WriteError
 
         write_safetensors(state, d / WEIGHTS_FILE, what="the encoder weights")
         write_encoder_json(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from cm3leon.config import atomic_write_text
+from cm3leon.safetensors_io import read_safetensors, reporting_write_errors, write_safetensors
 from cm3leon.tokenize.image_vq_preprocess import MAX_IMAGE_PIXELS, images_to_tensor, tensor_to_images
 from cm3leon.tokenize.image_vq_quantizer import QUANTIZER_KINDS, QuantizerOutput, VectorQuantizer
 
@@ -498,16 +498,15 @@ class ImageTokenizer(nn.Module):
     # ---- persistence ---------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` (each atomically)."""
-        from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = d / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "kind": KIND})
-        os.replace(tmp, d / WEIGHTS_FILE)
+        write_safetensors(tensors, d / WEIGHTS_FILE, what=f"the image tokenizer ({WEIGHTS_FILE})",
+                          metadata={"format": "pt", "kind": KIND})
         cfg = {"kind": KIND, "format_version": FORMAT_VERSION, **self.cfg.to_dict()}
-        atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        with reporting_write_errors(f"the image tokenizer config ({CONFIG_FILE})", d, 4096):
+            atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, map_location: str | torch.device = "cpu") -> ImageTokenizer:
@@ -538,20 +537,6 @@ def load_vq_config(path: str | Path) -> VQConfig:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
     return VQConfig.from_dict(raw)
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, with clear errors for missing/corrupt files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (weights file missing)")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated") from e
 
 
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str) -> None:

@@ -84,7 +84,7 @@ def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS weights file {path} not found")
     if path.suffix == ".safetensors":
-        from cm3leon.tokenize.image_vq import read_safetensors
+        from cm3leon.safetensors_io import read_safetensors
 
         return read_safetensors(path)
     try:

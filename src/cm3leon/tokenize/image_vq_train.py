@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from cm3leon.pixels import pixels_to_unit, unit_to_pixels
-from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig, load_state_dict_strict, read_safetensors
+from cm3leon.safetensors_io import read_safetensors
+from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig, load_state_dict_strict
 from cm3leon.tokenize.image_vq_quantizer import codebook_stats
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def save_checkpoint(directory: Path, model: ImageTokenizer, opt: torch.optim.Opt
     raises :class:`~cm3leon.model.io.WriteError`, removes its temporary directory and keeps the old one."""
     from safetensors.torch import save_file
 
-    from cm3leon.model.io import reporting_write_errors, tensor_bytes
+    from cm3leon.safetensors_io import reporting_write_errors, tensor_bytes
 
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
@@ -420,7 +421,7 @@ def _train(model_cfg: VQConfig, cfg: VQTrainConfig, train_images: torch.Tensor, 
 
     model.eval()
     _checkpoint(ckpt_dir, model, opt, names, done, train_seconds, disc)
-    from cm3leon.model.io import reporting_write_errors, tensor_bytes
+    from cm3leon.safetensors_io import reporting_write_errors, tensor_bytes
 
     with reporting_write_errors("the image tokenizer", out, tensor_bytes(model.state_dict().values())):
         model.save_pretrained(out)
@@ -466,7 +467,7 @@ def _checkpoint(ckpt_dir: Path, model: ImageTokenizer, opt: torch.optim.Optimize
                 train_seconds: float, disc: torch.nn.Module | None) -> None:
     save_checkpoint(ckpt_dir, model, opt, names, step, {"train_seconds": train_seconds})
     if disc is not None:
-        from cm3leon.model.io import write_safetensors
+        from cm3leon.safetensors_io import write_safetensors
 
         write_safetensors({k: v.detach().cpu().contiguous() for k, v in disc.state_dict().items()},
                           ckpt_dir / "discriminator.safetensors", what="the discriminator weights")

@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import save_file
 
 from cm3leon.config import ModelConfig, to_json_dict
-from cm3leon.model.io import check_state_dict, read_safetensors, reporting_write_errors, tensor_bytes
+from cm3leon.model.io import check_state_dict
+from cm3leon.safetensors_io import read_safetensors, reporting_write_errors, tensor_bytes
 
 log = logging.getLogger(__name__)
 

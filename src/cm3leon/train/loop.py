@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm3leon.config import ModelConfig, save_json, to_json_dict
-from cm3leon.model.io import WriteError, reporting_write_errors
+from cm3leon.safetensors_io import WriteError, reporting_write_errors
 from cm3leon.train import checkpoint as ckpt_io
 from cm3leon.train.config import BatchPlan, TrainConfig
 from cm3leon.train.parallelize import (
@@ -499,8 +499,9 @@ class _Trainer:
         return T
 
     def run(self, *, resume: bool, init_from: Any, until_step: int | None, progress: bool) -> TrainResult:
-        from cm3leon.model.io import check_state_dict, load_config, read_safetensors
+        from cm3leon.model.io import check_state_dict, load_config
         from cm3leon.model.transformer import Transformer
+        from cm3leon.safetensors_io import read_safetensors
 
         cfg, ctx, out = self.cfg, self.ctx, self.out
         latest = _prepare_out_dir(out, resume)
