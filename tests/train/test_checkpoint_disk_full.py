@@ -160,6 +160,24 @@ def test_encoder_save_on_a_full_disk_leaves_no_temp_file(tmp_path, monkeypatch):
     assert "the encoder weights" in str(info.value) and _leftovers(tmp_path) == []
 
 
+def test_image_tokenizer_save_on_a_full_disk_keeps_the_old_weights(tmp_path, monkeypatch):
+    from cm3leon.tokenize.image_vq import ImageTokenizer, VQConfig
+
+    vq = ImageTokenizer(VQConfig(resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                 z_channels=8, embed_dim=8, codebook_size=16, num_groups=4))
+    d = tmp_path / "vq"
+    vq.save_pretrained(d)
+    before = (d / "model.safetensors").read_bytes()
+    monkeypatch.setattr(sio, "save_file", _fail_on_call(1, OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(WriteError) as info:
+        vq.save_pretrained(d)
+    _assert_one_line_disk_full(info.value, d)
+    assert "the image tokenizer (model.safetensors)" in str(info.value)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]  # no temp file
+    assert (d / "model.safetensors").read_bytes() == before
+    ImageTokenizer.from_pretrained(d)
+
+
 def _tc(**kw) -> TrainConfig:  # noqa: ANN003
     base = dict(steps=4, batch_size=2, log_every=1, ckpt_every=2, keep_last=2, unigram_samples=4)
     return TrainConfig(**{**base, **kw})
