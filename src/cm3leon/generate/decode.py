@@ -15,6 +15,10 @@ sampling run on the window of ids that the modality mask allows (e.g. the image 
 only), which changes no probability but does change which uniform draw each id
 gets compared with a full-vocabulary draw.
 
+Image segments can also decode with speculative Jacobi decoding (``jacobi_window`` > 0,
+:mod:`cm3leon.generate.jacobi`): a window of drafts verified by one forward per
+iteration, the same tokens when greedy and the same distribution when sampling.
+
 Determinism: one ``torch.Generator`` seeded with ``SamplingConfig.seed`` draws the noise
 of every row, so the same seed, prompts, ``n_per_prompt`` and device give the same tokens;
 changing the batch (other prompts, another ``n``) changes which noise a row gets.
@@ -31,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from cm3leon.generate.guidance import next_token_scores, unconditional_prompt
+from cm3leon.generate.jacobi import jacobi_decode
 from cm3leon.generate.logits import (
     SamplingConfig,
     image_allowed,
@@ -106,6 +111,7 @@ def decode_streams(
     compile: bool = False,
     text_history: bool = False,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
+    jacobi_window: int = 0,
 ) -> torch.Tensor:
     """The decoding core: prefill every stream, then ``n_new`` guided steps -> Long[B, n_new].
 
@@ -115,6 +121,8 @@ def decode_streams(
     Rows that emit one of ``stop_ids`` then emit ``<pad>``. ``text_history`` turns on the
     repetition processors of ``cfg`` over the cond prompt + output. ``on_logits(i,
     logits[S, B, V])`` sees the raw model logits of every step (tests, analysis).
+    ``jacobi_window`` > 0 decodes with speculative Jacobi decoding and that many drafts
+    (:func:`jacobi.jacobi_decode`; no stop ids, text history, ``on_logits`` or ``compile``).
     """
     if n_new <= 0:
         raise ValueError(f"n_new must be >= 1, got {n_new}")
@@ -156,6 +164,9 @@ def decode_streams(
         step = torch.compile(decode_one_token, fullgraph=True, mode=mode)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    if jacobi_window:
+        return _jacobi(model, ids, valid, cfg, n_streams, n_new, jacobi_window, allowed_win, (lo, hi), gen, cd_rows,
+                       callback, callback_every, bool(len(stop)) or text_history or on_logits is not None, compile)
     out = torch.empty((B, n_new), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device) if len(stop) else None
     hist = hist_valid = None
@@ -202,6 +213,27 @@ def decode_streams(
     return out
 
 
+def _jacobi(model: Transformer, ids: torch.Tensor, valid: torch.Tensor, cfg: SamplingConfig, n_streams: int,
+            n_new: int, window: int, allowed_win: torch.Tensor, head_window: tuple[int, int], gen: torch.Generator,
+            cd_rows: torch.Tensor | None, callback: ProgressCallback | None, callback_every: int, text_only: bool,
+            compile: bool) -> torch.Tensor:
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"jacobi_window must be a whole number >= 0 (0 = sequential decoding), got {window!r}")
+    if text_only:
+        raise ValueError("jacobi_window decodes image segments only (no stop ids, text history or on_logits); "
+                         "set jacobi_window=0 for text")
+    if compile:
+        raise ValueError("jacobi_window runs eagerly; set compile=False or jacobi_window=0")
+    if allowed_win.dim() != 1:
+        raise ValueError("jacobi_window needs one modality mask for all rows (Bool[V])")
+    lo = head_window[0]
+    with torch.inference_mode():
+        res = jacobi_decode(model, ids, valid, cfg, n_streams=n_streams, n_new=n_new, window=window,
+                            allowed=allowed_win, head_window=head_window, generator=gen, cd_rows=cd_rows,
+                            callback=callback, callback_every=callback_every)
+    return res.tokens + lo
+
+
 def _allowed_window(allowed: torch.Tensor) -> tuple[int, int]:
     """``[lo, hi)``: the smallest id range holding every id that ``allowed`` (Bool[V] or Bool[B, V]) permits."""
     ids = allowed.reshape(-1, allowed.shape[-1]).any(0).nonzero()
@@ -241,8 +273,8 @@ def _image_plan(
     for i, p in enumerate(cond):
         if p[-1] != vocab.break_id:
             raise ValueError(
-                f"prompts[{i}] ends with {vocab.token_name(p[-1])}, but an image starts after <break> "
-                "(layout '<eos> caption <break>'); append vocab.break_id"
+                f"prompts[{i}] ends with {vocab.token_name(p[-1])}, but an image starts after "
+                f"{vocab.token_name(vocab.break_id)} (layout '<eos> caption <break>'); append vocab.break_id"
             )
 
     def others(name: str, given: Sequence[Sequence[int]] | None, mask_images: bool) -> list[list[int]]:
@@ -279,6 +311,7 @@ def generate_image_tokens(
     callback: ProgressCallback | None = None,
     callback_every: int = 64,
     compile: bool = False,
+    jacobi_window: int = 0,
 ) -> torch.Tensor:
     """Decode one image (exactly L = ``vocab.image_seq_len`` tokens) per prompt x sample.
 
@@ -295,9 +328,11 @@ def generate_image_tokens(
     its text masked; "neither" default: text and image masked). ``callback(n, codes)`` is
     called every ``callback_every`` tokens and at the end with the codes so far
     (streaming partial images). ``compile`` wraps the model step in ``torch.compile``.
+    ``jacobi_window`` > 0: speculative Jacobi decoding with that many drafts
+    (:mod:`cm3leon.generate.jacobi`; greedy gives the same tokens, sampling the same distribution).
     """
     plan = _image_plan(vocab, prompts, cfg, n_per_prompt, uncond_prompts, image_prompts_for_instruct, instruct, None)
-    return _generate_codes(model, vocab, plan, cfg, callback, callback_every, compile)
+    return _generate_codes(model, vocab, plan, cfg, callback, callback_every, compile, jacobi_window)
 
 
 def _generate_codes(
@@ -308,6 +343,7 @@ def _generate_codes(
     callback: ProgressCallback | None,
     callback_every: int,
     compile: bool,
+    jacobi_window: int = 0,
 ) -> torch.Tensor:
     if callback_every <= 0:
         raise ValueError(f"callback_every must be >= 1, got {callback_every}")
@@ -315,6 +351,7 @@ def _generate_codes(
     ids = decode_streams(
         model, vocab, plan.streams, cfg, n_new=vocab.image_seq_len, allowed=image_allowed(vocab),
         cd_rows=plan.cd_rows, callback=to_codes, callback_every=callback_every, compile=compile,
+        jacobi_window=jacobi_window,
     )
     return vocab.ids_to_codes(ids)
 
@@ -330,12 +367,13 @@ def sample_mix(
     callback: ProgressCallback | None = None,
     callback_every: int = 64,
     compile: bool = False,
+    jacobi_window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's sample set (§3.1, Fig. 4 right): per prompt, N images, half top-p + CFG,
     half CD-K, all in one batch. Returns (codes Long[P*N, L], is_cdk Bool[P*N]); in each
     prompt's block of N rows the first ``N - N // 2`` are top-p + CFG, the rest CD-K
     (``cfg.cd_k``, or :data:`DEFAULT_MIX_CD_K` if unset). Re-rank them with
-    :func:`cm3leon.generate.rerank.rerank`.
+    :func:`cm3leon.generate.rerank.rerank`. ``jacobi_window``: as :func:`generate_image_tokens`.
     """
     if n_per_prompt <= 0:
         raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
@@ -344,7 +382,7 @@ def sample_mix(
     block = torch.tensor([False] * (n_per_prompt - n_cd) + [True] * n_cd)
     cd_rows = block.repeat(len(prompts))
     plan = _image_plan(vocab, prompts, mix_cfg, n_per_prompt, uncond_prompts, None, False, cd_rows)
-    return _generate_codes(model, vocab, plan, mix_cfg, callback, callback_every, compile), cd_rows
+    return _generate_codes(model, vocab, plan, mix_cfg, callback, callback_every, compile, jacobi_window), cd_rows
 
 
 # ---- text ---------------------------------------------------------------------------------
@@ -370,7 +408,7 @@ def generate_text(
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cond = _check_prompts("prompts", prompts, vocab)
-    stops = (vocab.eos_id, vocab.break_id) if stop_ids is None else tuple(int(s) for s in stop_ids)
+    stops = vocab.stop_ids if stop_ids is None else tuple(int(s) for s in stop_ids)
     if not stops:
         raise ValueError("stop_ids is empty; pass at least one id (default: <eos>, <break>)")
     allowed = text_allowed(vocab)
