@@ -267,6 +267,7 @@ class CM3Leon:
         seed: int = 0,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         callback_every: int = 16,
+        jacobi_window: int | None = None,
     ) -> list[GenerationResult]:
         """Text-to-image for a batch of prompts (paper §3), all decoded in one batch.
 
@@ -277,7 +278,8 @@ class CM3Leon:
         ``mode`` selects CD-K. ``retrieve`` prepends 0/1/2 retrieved documents to every stream; ``rerank`` orders
         each prompt's ``n`` samples by CLIP score with ``self.reranker`` (the model directory's ``reranker/``,
         else the retrieval encoder; best first). ``callback(n_done, codes)`` sees the partial codes every
-        ``callback_every`` tokens (progressive previews).
+        ``callback_every`` tokens (progressive previews). ``jacobi_window`` > 0 decodes with speculative
+        Jacobi decoding (same distribution, fewer forwards; 0 = sequential).
         """
         prompts = [_check_prompt(p) for p in prompts]
         if not prompts:
@@ -285,7 +287,8 @@ class CM3Leon:
         if mode is None and cd_k is not None:
             mode = "cd_k"
         d = self.defaults("text_to_image", samples=n, guidance=guidance, temperature=temperature, top_p=top_p,
-                          top_k=top_k, cd_k=cd_k, cd_alpha=cd_alpha, mode=mode, retrieve=retrieve, seed=seed)
+                          top_k=top_k, cd_k=cd_k, cd_alpha=cd_alpha, mode=mode, retrieve=retrieve, seed=seed,
+                          jacobi_window=jacobi_window)
         n, mode, retrieve = d.samples, d.mode, d.retrieve
         if rerank and self.reranker is None:
             raise ValueError("rerank=True needs an encoder in the model directory (reranker/ or retrieval/encoder)")
@@ -303,12 +306,13 @@ class CM3Leon:
         if mode == "mix":
             codes, _ = sample_mix(self.model, self.vocab, conds, dataclasses.replace(cfg, cd_k=d.sampling.cd_k),
                                   n_per_prompt=n, uncond_prompts=unconds, callback=callback,
-                                  callback_every=callback_every)
+                                  callback_every=callback_every, jacobi_window=d.jacobi_window)
         else:
             guided = cfg.guidance != 1.0 or cfg.cd_k is not None  # scale 1 without CD-K is plain decoding: one stream
             codes = generate_image_tokens(self.model, self.vocab, conds, cfg,
                                           uncond_prompts=unconds if guided else None, n_per_prompt=n,
-                                          callback=callback, callback_every=callback_every)
+                                          callback=callback, callback_every=callback_every,
+                                          jacobi_window=d.jacobi_window)
         images = self.decode_images(codes)
         results = []
         for j, p in enumerate(prompts):

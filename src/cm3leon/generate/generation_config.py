@@ -30,7 +30,7 @@ from cm3leon.generate.logits import IMAGE_SAMPLE_MODES, SamplingConfig
 GENERATION_CONFIG = "generation_config.json"
 TASKS = ("text_to_image", "caption", "vqa", "edit", "control", "grounding")
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig) if f.name != "seed")
-_TASK_FIELDS = ("samples", "mode", "rerank", "retrieve", "max_new_tokens")
+_TASK_FIELDS = ("samples", "mode", "rerank", "retrieve", "max_new_tokens", "jacobi_window")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class TaskDecoding:
       directory; ignored when it has none).
     - ``retrieve``: retrieved documents prepended to the prompt (0, 1 or 2, paper §3.2).
     - ``max_new_tokens``: length limit of text answers.
+    - ``jacobi_window``: draft tokens of speculative Jacobi decoding for text-to-image
+      (:mod:`cm3leon.generate.jacobi`: same greedy tokens, same sampling distribution);
+      0 = sequential decoding.
     """
 
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -53,6 +56,7 @@ class TaskDecoding:
     rerank: bool = False
     retrieve: int = 0
     max_new_tokens: int = 64
+    jacobi_window: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.samples, int) or self.samples < 1:
@@ -63,6 +67,8 @@ class TaskDecoding:
             raise ValueError(f"retrieve must be 0, 1 or 2 documents (paper §3.2), got {self.retrieve!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.jacobi_window, int) or isinstance(self.jacobi_window, bool) or self.jacobi_window < 0:
+            raise ValueError(f"jacobi_window must be a whole number >= 0 (0 = sequential), got {self.jacobi_window!r}")
 
     def replace(self, **overrides: Any) -> TaskDecoding:
         """A copy with the given fields changed (sampling fields by name too); ``None`` keeps a field."""
