@@ -326,11 +326,13 @@ def _fsdp_param_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else None
 
 
-def _full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, Tensor]:
-    """Unsharded CPU weights on rank 0 (a collective under FSDP2; empty dict on other ranks)."""
+def _full_model_state(model: nn.Module, ctx: DistContext, *, trainable_only: bool = False) -> dict[str, Tensor]:
+    """Unsharded CPU weights on rank 0 (a collective under FSDP2; empty dict on other ranks);
+    ``trainable_only``: just the parameters that train (a LoRA run's adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=trainable_only))
     return sd if ctx.is_main else {}
 
 
@@ -440,6 +442,7 @@ def train(
     init_from: str | Path | None = None,
     until_step: int | None = None,
     progress: bool = True,
+    lora: Any = None,
 ) -> TrainResult:
     """Train a :class:`~cm3leon.model.transformer.Transformer` on map-style ``train_data``.
 
@@ -450,10 +453,15 @@ def train(
     ``out_dir``. ``init_from`` starts from a saved model directory (SFT). ``until_step``
     stops early (checkpointed, resumable) without changing the schedule. Under
     ``torchrun`` the process group comes from the environment (``train_cfg.dist``).
+    ``lora`` (a :class:`~cm3leon.train.lora.LoraSpec`, needs ``init_from``) trains adapters on
+    the frozen base: checkpoints hold the adapters only and the run ends with ``adapter/``
+    (see :mod:`cm3leon.train.lora`) instead of the model files.
     """
     ctx = init_distributed(train_cfg.dist, device=train_cfg.device)
     try:
-        return _Trainer(model_cfg, train_cfg, train_data, Path(out_dir), vocab, val_data, ctx).run(
+        if lora is not None and init_from is None:
+            raise ValueError("LoRA fine-tuning needs a base model (init_from / --base DIR)")
+        return _Trainer(model_cfg, train_cfg, train_data, Path(out_dir), vocab, val_data, ctx, lora).run(
             resume=resume, init_from=init_from, until_step=until_step, progress=progress
         )
     finally:
@@ -463,7 +471,7 @@ def train(
 class _Trainer:
     def __init__(
         self, model_cfg: ModelConfig, cfg: TrainConfig, data: Any, out: Path, vocab: Vocab, val: Any,
-        ctx: DistContext,
+        ctx: DistContext, lora: Any = None,
     ) -> None:
         if model_cfg.vocab_size != vocab.size:
             raise ValueError(
@@ -476,8 +484,8 @@ class _Trainer:
                 f"model image_tokens={model_cfg.image_tokens}, image_vocab={model_cfg.image_vocab} but the data has "
                 f"{vocab.image_seq_len} tokens per image and {vocab.image_size} image ids; set them to match"
             )
-        self.model_cfg, self.cfg, self.data, self.out, self.vocab, self.val, self.ctx = (
-            model_cfg, cfg, data, out, vocab, val, ctx)
+        self.model_cfg, self.cfg, self.data, self.out, self.vocab, self.val, self.ctx, self.lora = (
+            model_cfg, cfg, data, out, vocab, val, ctx, lora)
         self.metrics = MetricsLog(out / "metrics.jsonl", ctx.is_main)
         self.losses: dict[int, float] = {}
 
@@ -504,6 +512,7 @@ class _Trainer:
         from cm3leon.safetensors_io import read_safetensors
 
         cfg, ctx, out = self.cfg, self.ctx, self.out
+        self.init_from = init_from
         latest = _prepare_out_dir(out, resume)
         barrier(ctx)
         if ctx.is_main:
@@ -516,9 +525,10 @@ class _Trainer:
         ckpt = None
         if latest is not None:
             ckpt = ckpt_io.load_checkpoint(latest)
+        if ckpt is not None and self.lora is None:
             ckpt_io.check_model_compat(ckpt, to_json_dict(self.model_cfg), expected)
             model.load_state_dict(ckpt.model, strict=True)
-        elif init_from is not None:
+        elif init_from is not None:  # a LoRA run's base, also when it resumes (checkpoints hold adapters only)
             base = load_config(init_from)
             if base != self.model_cfg:
                 raise ValueError(
@@ -527,6 +537,10 @@ class _Trainer:
             weights = read_safetensors(Path(init_from) / "model.safetensors")
             check_state_dict(expected, weights, source=str(Path(init_from) / "model.safetensors"))
             model.load_state_dict(weights, strict=True)
+        if self.lora is not None:
+            from cm3leon.train.lora import attach_lora_for_run
+
+            model = attach_lora_for_run(model, self.lora, cfg, ctx, self.model_cfg, ckpt)
         if not (ctx.distributed and ctx.strategy == "fsdp2"):
             model.to(ctx.device)  # FSDP2 moves each block to the device as it shards it (lower peak memory)
         tmodel = parallelize(
@@ -547,6 +561,10 @@ class _Trainer:
                 model.num_params() / 1e6, plan.global_batch, seq_len, plan.micro_batch, plan.grad_accum,
                 ctx.world_size, ctx.device,
             )
+            from cm3leon.train.memory import log_memory_plan
+
+            log_memory_plan(self.model_cfg, seq_len=seq_len, micro_batch=plan.micro_batch, train_cfg=cfg,
+                            world_size=ctx.world_size, lora=self.lora, device_type=ctx.device.type)
             if ckpt is None:
                 entropy = unigram_entropy(self.data, self.vocab, cfg.unigram_samples)
                 self.metrics.write({"split": "baseline", "step": 0, **entropy})
@@ -652,7 +670,7 @@ class _Trainer:
 
         def save(now_step: int) -> Path:
             flush()  # never checkpoint past a non-finite step
-            msd = _full_model_state(model, ctx)
+            msd = _full_model_state(model, ctx, trainable_only=self.lora is not None)
             osd = _full_optim_state(model, optim, ctx)
             path = self.out / ckpt_io.CKPT_DIR / ckpt_io.step_dir_name(now_step)
             err = None
@@ -660,6 +678,8 @@ class _Trainer:
                 state = {"consumed_samples": consumed, "tokens": tokens, "world_size": ctx.world_size,
                          "model_config": to_json_dict(self.model_cfg), "train_config": cfg.to_dict(),
                          "vocab": self.vocab.to_dict(), "lr_schedule_step": now_step}
+                if self.lora is not None:
+                    state["lora"] = self.lora.to_dict()
                 try:
                     path = ckpt_io.save_checkpoint(self.out / ckpt_io.CKPT_DIR, now_step, model_state=msd,
                                                    optimizer_state=osd, state=state, keep_last=cfg.keep_last)
@@ -722,11 +742,17 @@ class _Trainer:
         model_dir = None
         if step >= cfg.steps:
             val = do_eval(step) or val
-            msd = _full_model_state(model, ctx)
+            msd = _full_model_state(model, ctx, trainable_only=self.lora is not None)
             err = None
             if ctx.is_main:
                 try:
-                    model_dir = _save_model_dir(msd, self.model_cfg, self.vocab, self.out)
+                    if self.lora is not None:
+                        from cm3leon.train.lora import save_run_adapter
+
+                        model_dir = save_run_adapter(msd, self.lora, self.model_cfg, self.vocab, self.out,
+                                                     base_dir=self.init_from)
+                    else:
+                        model_dir = _save_model_dir(msd, self.model_cfg, self.vocab, self.out)
                     log.info("saved model to %s", model_dir)
                 except WriteError as e:
                     err = e

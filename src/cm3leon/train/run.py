@@ -72,13 +72,14 @@ def model_config(run: RunConfig, vocab: Vocab, base: Path | None = None) -> Mode
 
 def run_training(run: RunConfig, out: str | Path, *, base: str | Path | None = None, resume: bool = False,
                  until_step: int | None = None, progress: bool = True,
-                 datasets: tuple[Any, Any, Vocab] | None = None) -> TrainResult:
+                 datasets: tuple[Any, Any, Vocab] | None = None, lora: Any = None) -> TrainResult:
     """Train ``run`` (absolute paths) into ``out``; ``base`` is the model directory a fine-tuning
     run starts from (its shape is the model's); ``resume`` continues from ``out``'s newest
-    checkpoint. ``datasets`` are :func:`build_datasets`'s result when the caller has them."""
+    checkpoint. ``datasets`` are :func:`build_datasets`'s result when the caller has them.
+    ``lora`` (a :class:`~cm3leon.train.lora.LoraSpec`) trains adapters on the frozen ``base``."""
     base = Path(base) if base is not None else None
     train_data, val_data, vocab = datasets or build_datasets(run)
     cfg = model_config(run, vocab, base)
     # A checkpoint in ``out`` takes precedence over ``base`` when resuming.
     return train(cfg, run.train, train_data, out, vocab=vocab, val_data=val_data, resume=resume, init_from=base,
-                 until_step=until_step, progress=progress)
+                 until_step=until_step, progress=progress, lora=lora)
