@@ -3,6 +3,7 @@ sampling distribution as sequential decoding, exactly L image ids, and cache rol
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -12,12 +13,15 @@ from scipy import stats
 
 from cm3leon.config import ModelConfig
 from cm3leon.generate.decode import generate_image_tokens, sample_mix
+from cm3leon.generate.generation_config import TaskDecoding
 from cm3leon.generate.guidance import next_token_scores, unconditional_prompt
 from cm3leon.generate.jacobi import rollback, window_forward
 from cm3leon.generate.logits import SamplingConfig, image_allowed
 from cm3leon.model.kv_cache import KVCache, decode_one_token, prefill
 from cm3leon.model.transformer import Transformer
+from cm3leon.pipeline import CM3Leon
 from cm3leon.vocab import Vocab
+from helpers import build_tiny_model_dir
 
 V = Vocab(text_size=40, image_size=24, image_seq_len=12)
 
@@ -190,3 +194,25 @@ def test_sjd_sampling_matches_the_sequential_distribution() -> None:
             for k, pr in exact.items():
                 law[k[place]] += pr
             assert 0.5 * np.abs(emp - law).sum() < 0.03, (j, place, emp, law)
+
+
+# ---- configuration and the pipeline ----------------------------------------------------------
+def test_jacobi_window_in_task_decoding() -> None:
+    d = TaskDecoding(jacobi_window=8)
+    assert TaskDecoding.from_dict(d.to_dict()).jacobi_window == 8
+    assert TaskDecoding().jacobi_window == 0  # sequential unless asked
+    with pytest.raises(ValueError, match="jacobi_window must be"):
+        TaskDecoding(jacobi_window=-2)
+
+
+def test_pipeline_greedy_images_are_the_same_with_jacobi(tmp_path) -> None:  # noqa: ANN001
+    pipe = CM3Leon.from_pretrained(build_tiny_model_dir(tmp_path / "m", resolution=16, encoder=False))
+    t2i = pipe.generation_config.text_to_image
+    pipe.generation_config = dataclasses.replace(
+        pipe.generation_config, text_to_image=t2i.replace(greedy=True, guidance=2.0, jacobi_window=4)
+    )
+    prompts = ["a red circle", "two small blue squares at the top"]
+    sjd = pipe.generate_images(prompts, n=2)
+    seq = pipe.generate_images(prompts, n=2, jacobi_window=0)
+    for a, b in zip(sjd, seq):
+        assert torch.equal(a.codes, b.codes)
