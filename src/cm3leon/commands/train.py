@@ -28,9 +28,13 @@ _SFT_EXAMPLES = """examples:
   cm3leon sft --base runs/qs/pretrain --recipe sft-quickstart --out runs/qs/sft2
   cm3leon sft --base runs/qs/pretrain --recipe sft-quickstart --out runs/qs/sft2 --resume
   cm3leon sft --base runs/7b --config sft-7b.json --out runs/7b-sft --override data.train=/data/sft-shards
+  cm3leon sft --base runs/qs/model --recipe sft-quickstart --out runs/qs/lora --lora r=16,alpha=32,targets=attn --merge
 
 The model shape comes from --base (its config.json); the recipe/config gives the
 optimizer, schedule and SFT data (tokenized with `cm3leon data tokenize --sft`).
+With --lora only low-rank adapters train (the base stays frozen): --out receives adapter/
+(adapter_model.safetensors + peft's adapter_config.json) and, with --merge, a merged model
+directory (default --out/merged) that every command loads. See docs/sft.md#lora.
 """
 
 
@@ -65,6 +69,12 @@ def register(sub: Any) -> None:
                        epilog=_SFT_EXAMPLES, formatter_class=fmt)
     _add_common(s)
     s.add_argument("--base", type=Path, help="pretrained model directory (default: the config's init_from)")
+    s.add_argument("--lora", metavar="SPEC", help="train LoRA adapters only: r=16,alpha=32,targets=NAMES[,dropout=0.05]"
+                   "[,base=bf16]; targets are Linear names (qkv,out,fc1,fc2 / q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj) or groups all-linear (default), attn, mlp")
+    s.add_argument("--merge", nargs="?", type=Path, const=True, default=None, metavar="DIR",
+                   help="with --lora: after training write the base with the adapters merged to DIR "
+                   "(default: --out/merged)")
     s.set_defaults(func=_run_train, mode="sft")
 
 
@@ -106,6 +116,13 @@ def _run_train(args: argparse.Namespace) -> int:
     workspace = args.workspace or args.out.resolve().parent
     run = run.resolve_paths(workspace)
     base = None
+    lora = None
+    if args.mode == "sft" and (args.lora or args.merge):
+        from cm3leon.train.lora import LoraSpec
+
+        if not args.lora:
+            raise ValueError("--merge merges LoRA adapters: give --lora r=...,alpha=...,targets=... too")
+        lora = LoraSpec.parse(args.lora)
     if args.mode == "sft":
         base = args.base or (Path(run.init_from) if run.init_from else None)
         if base is None:
@@ -126,7 +143,7 @@ def _run_train(args: argparse.Namespace) -> int:
         lock.acquire()
     try:
         res = run_training(run, args.out, base=base, resume=args.resume, until_step=args.until_step,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, lora=lora)
     except NonFiniteLossError as e:
         raise CLIError(str(e)) from e
     finally:
@@ -139,6 +156,13 @@ def _run_train(args: argparse.Namespace) -> int:
               "plus --resume")
         return 130
     summary = {"status": res.status, "step": res.step, "tokens": res.tokens, "out": str(res.out_dir)}
+    if lora is not None and res.model_dir is not None:
+        summary["adapter"] = str(res.model_dir)
+        if args.merge:
+            from cm3leon.train.lora import merge_adapter
+
+            merged = args.out / "merged" if args.merge is True else args.merge
+            summary["merged"] = str(merge_adapter(res.model_dir, merged, base_dir=base))
     if res.losses:
         summary["train_loss"] = res.losses[max(res.losses)]
     if res.val:
