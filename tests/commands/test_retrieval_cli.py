@@ -108,3 +108,29 @@ def test_cli_bad_input_is_one_clear_line(built, tmp_path, capsys):
     assert "query text" in capsys.readouterr().err
     assert main(["index", "neighbors", "--index", str(root / "ix"), "--data", str(tmp_path)]) == 1
     assert "not the dataset the index was built from" in capsys.readouterr().err
+
+
+def test_index_neighbors_content_rule_for_repeated_captions(built):
+    root, _ = built
+    assert (root / "ix" / "hashes.npy").exists()
+    out = root / "content.npy"
+    assert main(["index", "neighbors", "--index", str(root / "ix"), "--inference", "--duplicates", "content",
+                 "--out", str(out)]) == 0
+    desc = json.loads((root / "content.json").read_text())
+    assert desc["config"]["duplicates"] == "content" and desc["stats"]["capped_same_caption"] == 0
+    nb = load_neighbors(out)
+    assert not (nb == np.arange(240)[:, None]).any()
+
+
+def test_train_encoder_holds_out_a_capped_share_and_warns_when_large(built, tmp_path, capsys):
+    _, data = built
+    capsys.readouterr()
+    assert main(["retrieval", "train-encoder", "--data", str(data), "--out", str(tmp_path / "enc"), "--steps", "2",
+                 "--batch-size", "32"]) == 0
+    err = capsys.readouterr().err
+    # 5% of 240 is 12, below the floor of 32 (13% of the data): held out, with a warning
+    assert json.loads((tmp_path / "enc" / "encoder.json").read_text())["info"]["eval"]["held_out"] == 32
+    assert "warning: holding out 32 of 240 pairs (13%)" in err
+    assert main(["retrieval", "train-encoder", "--data", str(data), "--out", str(tmp_path / "enc2"), "--steps", "2",
+                 "--batch-size", "32", "--holdout", "10"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -81,8 +82,9 @@ def _add_train_encoder(sub: argparse._SubParsersAction) -> None:
         "train-encoder",
         help="train the in-house dual encoder on a dataset's caption-image pairs",
         description="Train the small CLIP-style dual encoder (BPE text transformer + CNN image tower, "
-        "symmetric InfoNCE with in-batch negatives and a learnable temperature). The last --holdout pairs are "
-        "kept out of training and used to report text->image recall@1/@10.",
+        "symmetric InfoNCE with in-batch negatives and a learnable temperature). The last pairs (--holdout, or "
+        "by default 5% of them, at least 32 and at most 1000) are kept out of training and used to report "
+        "text->image recall@1/@10.",
         epilog=_raw("""
             example:
               cm3leon retrieval train-encoder --data data/shapes32 --text-tokenizer tok/text --out enc --steps 250
@@ -99,7 +101,11 @@ def _add_train_encoder(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension (default 128)")
     p.add_argument("--image-size", type=int, default=32, help="image tower input side in pixels (default 32)")
-    p.add_argument("--holdout", type=int, default=1000, help="pairs held out for the recall report (default 1000)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="pairs held out for the recall report (default: --holdout-fraction of the pairs, at least "
+                   "32, at most 1000, never more than 20%%)")
+    p.add_argument("--holdout-fraction", type=float, default=0.05,
+                   help="share of the pairs held out when --holdout is not given (default 0.05)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -124,7 +130,7 @@ def _run_train_encoder(args: argparse.Namespace) -> int:
             break
     if len(records) < 4:
         raise ValueError(f"{args.data} has {len(records)} caption-image records; the encoder needs pairs to train on")
-    holdout = min(args.holdout, len(records) // 5)
+    holdout = _encoder_holdout(len(records), args.holdout, args.holdout_fraction)
     train, val = records[: len(records) - holdout], records[len(records) - holdout :]
     texts = [r.text for r in train]
     if args.text_tokenizer:
@@ -148,6 +154,22 @@ def _run_train_encoder(args: argparse.Namespace) -> int:
     enc.save(args.out)
     print(json.dumps({"encoder": args.out, **report}))
     return 0
+
+
+def _encoder_holdout(n: int, holdout: int | None, fraction: float) -> int:
+    """Pairs held out of ``n`` (an explicit count is kept to at most 20%); a warning when that is
+    more than a tenth of the data."""
+    from cm3leon.data.split import holdout_size
+
+    if holdout is not None and holdout < 0:
+        raise ValueError(f"--holdout must be >= 0, got {holdout}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--holdout-fraction must be in [0, 1), got {fraction}")
+    k = holdout_size(n, fraction=fraction) if holdout is None else min(holdout, n // 5)
+    if k > n // 10:
+        print(f"warning: holding out {k} of {n} pairs ({100 * k / n:.0f}%) from encoder training; "
+              "lower --holdout / --holdout-fraction to train on more", file=sys.stderr)
+    return k
 
 
 # ---- retrieval eval ----------------------------------------------------------------------
@@ -251,6 +273,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="query image file")
     p.add_argument("-k", type=int, default=5, help="documents to show (default 5)")
     p.add_argument("--policy", action="store_true", help="apply the retrieval policy (k split over text/image)")
+    p.add_argument("--duplicates", choices=["score", "content"], default="score",
+                   help="with --policy: how exact duplicate captions are treated (see `index neighbors --help`)")
     p.add_argument("--encoder", help="encoder directory (default: the one the index was built with)")
     p.add_argument("--data", help="dataset directory for captions (default: the one the index was built from)")
     p.add_argument("--device", default="cpu")
@@ -295,7 +319,7 @@ def _run_search(args: argparse.Namespace) -> int:
         image = Image.open(args.image).convert("RGB")
     if args.policy:
         kt = (args.k + 1) // 2 if args.query and image else (args.k if args.query else 0)
-        cfg = RetrieverConfig(k_text=kt, k_image=args.k - kt)
+        cfg = RetrieverConfig(k_text=kt, k_image=args.k - kt, duplicates=args.duplicates)
         got = Retriever(bank, enc, cfg).retrieve([DocRecord("query", args.query, image)])
         ids, scores = got.ids[0], got.scores[0]
     else:
@@ -354,6 +378,10 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k-image", type=int, default=2, help="documents retrieved by the image query (default 2)")
     p.add_argument("--max-relevance", type=float, default=0.9, help="skip candidates scoring above this (default 0.9)")
     p.add_argument("--dedup", type=float, default=0.95, help="skip near-duplicates above this cosine (default 0.95)")
+    p.add_argument("--duplicates", choices=["score", "content"], default="score",
+                   help="exact duplicate captions: 'score' (paper) caps every candidate by its score, so documents "
+                   "sharing the query's caption are skipped; 'content' keeps them unless they are the same "
+                   "content (same image bytes) - use it on data with repeated captions (default score)")
     p.add_argument("--query-dropout", type=float, default=0.2, help="fraction of query words dropped (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -378,7 +406,7 @@ def _run_neighbors(args: argparse.Namespace) -> int:
                          "add --other-data to retrieve for another dataset")
     cfg = RetrieverConfig(k_text=args.k_text, k_image=args.k_image, max_relevance=args.max_relevance,
                           dedup_threshold=args.dedup, query_dropout=args.query_dropout, seed=args.seed,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, duplicates=args.duplicates)
     bank = MemoryBank.load(args.index)
     out = args.out or str(Path(args.index) / NEIGHBORS_FILE)
     desc = compute_neighbors(
@@ -388,4 +416,8 @@ def _run_neighbors(args: argparse.Namespace) -> int:
     st = desc["stats"]
     print(json.dumps({"neighbors": out, "n": desc["n"], "k": desc["k"], "fill_rate": round(st["fill_rate"], 4),
                       "mean_relevance": round(st["mean_relevance"], 4), "seconds": st["seconds"]}))
+    if st.get("capped_same_caption", 0) >= desc["n"]:
+        print(f"warning: the relevance cap skipped {st['capped_same_caption']} candidates that share their query's "
+              "exact caption; on data with repeated captions rerun with --duplicates content "
+              "(docs/retrieval.md#exact-duplicate-captions)", file=sys.stderr)
     return 0

@@ -13,12 +13,14 @@ On disk an index is a directory::
     ids.npy          int64 [n]: FAISS row -> id
 
 The retrieval stage keeps the document embeddings (``embeddings.npy``, float32 [n, D],
-row = FAISS row) and the modality array beside these files; :func:`write_embeddings` and
+row = FAISS row), the modality array and the content hashes (``hashes.npy``, uint64
+[n, 2]: caption, image; 0 = absent) beside these files; :func:`write_embeddings` and
 :func:`load_embeddings` handle that file (written in batches, memory-mapped on read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +47,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 EMBEDDINGS_FILE = "embeddings.npy"
 MODALITY_FILE = "modality.npy"
+HASHES_FILE = "hashes.npy"
 FORMAT = "cm3leon.index"
 VERSION = 1
 
@@ -403,19 +406,38 @@ def record_modality(record: DocRecord) -> Modality:
     return m
 
 
+def _hash64(*parts: bytes) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return int.from_bytes(h.digest(), "little") or 1  # 0 means "absent"
+
+
+def record_hashes(record: DocRecord) -> tuple[int, int]:
+    """(caption hash, image hash) of a record: 64-bit hashes of the exact caption string and of
+    the image's pixels (mode, size, bytes); 0 where the record has no text / no image."""
+    text = 0 if record.text is None else _hash64(record.text.encode("utf-8"))
+    im = record.image
+    image = 0 if im is None else _hash64(im.mode.encode(), f"{im.size[0]}x{im.size[1]}".encode(), im.tobytes())
+    return text, image
+
+
 @dataclass
 class MemoryBank:
     """The memory bank as retrieval sees it: the index, document vectors and modalities.
 
-    ``embeddings`` [n, D] and ``modality`` [n] are indexed by FAISS row (use
-    ``index.rows_of(ids)``); both are memory-mapped when loaded from disk. ``directory``
-    also holds ``meta.json``'s ``info`` (data and encoder directories of the build).
+    ``embeddings`` [n, D], ``modality`` [n] and ``hashes`` [n, 2] (:func:`record_hashes`;
+    None for a bank built without them) are indexed by FAISS row (use ``index.rows_of(ids)``);
+    they are memory-mapped when loaded from disk. ``directory`` also holds ``meta.json``'s
+    ``info`` (data and encoder directories of the build).
     """
 
     index: MemoryIndex
     embeddings: np.ndarray
     modality: np.ndarray
     directory: Path | None = None
+    hashes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.index.ntotal
@@ -426,6 +448,9 @@ class MemoryBank:
             )
         if self.modality.shape != (n,):
             raise ValueError(f"modality array has shape {self.modality.shape}, expected ({n},)")
+        if self.hashes is not None and (self.hashes.shape != (n, 2) or self.hashes.dtype != np.uint64):
+            raise ValueError(f"hashes array is {self.hashes.dtype} {self.hashes.shape}, expected uint64 ({n}, 2); "
+                             "the bank's files come from different builds - rebuild it")
 
     @property
     def dim(self) -> int:
@@ -443,21 +468,25 @@ class MemoryBank:
         factory: str = "Flat",
         ids: np.ndarray | None = None,
         encoder_name: str | None = None,
+        hashes: np.ndarray | None = None,
         **build_kw: Any,
     ) -> MemoryBank:
-        """An in-memory bank over ``embeddings`` (modality defaults to all multi-modal)."""
+        """An in-memory bank over ``embeddings`` (modality defaults to all multi-modal; ``hashes``
+        [n, 2] as :func:`record_hashes` gives, or None)."""
         emb = _check_matrix(embeddings, what="embeddings")
         mod = np.full(len(emb), int(Modality.MULTI), np.uint8) if modality is None else np.asarray(modality, np.uint8)
         index = MemoryIndex.build(emb, factory=factory, ids=ids, encoder_name=encoder_name, **build_kw)
-        return cls(index, emb, mod)
+        return cls(index, emb, mod, hashes=None if hashes is None else np.asarray(hashes, np.uint64))
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index files plus ``embeddings.npy`` and ``modality.npy``."""
+        """Write the index files plus ``embeddings.npy``, ``modality.npy`` and ``hashes.npy``."""
         d = Path(directory)
         self.index.save(d)
         if self.directory is None or Path(self.directory).resolve() != d.resolve():
             write_embeddings(d / EMBEDDINGS_FILE, _chunks(self.embeddings), n=len(self), dim=self.dim)
             _save_npy(d / MODALITY_FILE, np.asarray(self.modality, np.uint8))
+            if self.hashes is not None:
+                _save_npy(d / HASHES_FILE, np.asarray(self.hashes, np.uint64))
         self.directory = d
         return d
 
@@ -470,7 +499,8 @@ class MemoryBank:
         if not (d / MODALITY_FILE).exists():
             raise FileNotFoundError(f"{d / MODALITY_FILE} is missing; rebuild the index with `cm3leon index build`")
         modality = np.load(d / MODALITY_FILE, mmap_mode="r", allow_pickle=False)
-        return cls(index, emb, modality, directory=d)
+        hashes = np.load(d / HASHES_FILE, mmap_mode="r", allow_pickle=False) if (d / HASHES_FILE).exists() else None
+        return cls(index, emb, modality, directory=d, hashes=hashes)
 
 
 def build_bank(
@@ -495,6 +525,7 @@ def build_bank(
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     modality = np.zeros(n, np.uint8)
+    hashes = np.zeros((n, 2), np.uint64)
     count = [0]
 
     def batches() -> Iterator[np.ndarray]:
@@ -508,6 +539,7 @@ def build_bank(
             if count[0] + len(buf) >= n:
                 raise ValueError(f"got more than the announced {n} documents")
             modality[count[0] + len(buf)] = record_modality(rec)
+            hashes[count[0] + len(buf)] = record_hashes(rec)
             buf.append(rec)
             if len(buf) == batch_size:
                 yield encoder.embed_documents(buf)
@@ -519,13 +551,15 @@ def build_bank(
 
     write_embeddings(d / EMBEDDINGS_FILE, batches(), n=n, dim=encoder.dim)
     _save_npy(d / MODALITY_FILE, modality)
+    _save_npy(d / HASHES_FILE, hashes)
     emb = load_embeddings(d / EMBEDDINGS_FILE)
     index = MemoryIndex.build(
         emb, factory=factory, train_size=train_size, encoder_name=encoder.name, info=info, progress=progress
     )
     index.save(d)
     log.info("memory bank of %d documents (%s, %d-d) written to %s", n, factory, encoder.dim, d)
-    return MemoryBank(index, emb, np.load(d / MODALITY_FILE, mmap_mode="r"), directory=d)
+    return MemoryBank(index, emb, np.load(d / MODALITY_FILE, mmap_mode="r"), directory=d,
+                      hashes=np.load(d / HASHES_FILE, mmap_mode="r"))
 
 
 def _chunks(x: np.ndarray, size: int = 65_536) -> Iterator[np.ndarray]:

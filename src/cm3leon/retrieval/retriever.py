@@ -5,6 +5,12 @@ Given a query document, retrieve ``k_text`` documents with its text embedding an
 
 - drop the query itself (by id) and every candidate with relevance > ``max_relevance``
   (0.9 in the paper: near-copies of the query score too high);
+- exact duplicate captions (``duplicates``): under ``"score"`` (the paper) the cap applies to
+  every candidate, so on data whose captions repeat ("a handwritten digit 3" x 180) every
+  document with the query's caption is skipped and only wrong ones remain. Under
+  ``"content"`` a candidate with the query's exact caption is a copy only when it is the same
+  content (same image bytes, from the bank's hashes); otherwise the cap and the near-duplicate
+  test, which then measure the shared caption and not copying, do not apply to it;
 - drop near-duplicates: a candidate whose document embedding has cosine >
   ``dedup_threshold`` with the query document or with a document already picked;
 - prefer multi-modal documents: multi-modal candidates first, uni-modal ones only to
@@ -31,9 +37,12 @@ import numpy as np
 
 from cm3leon.data.records import DocRecord
 from cm3leon.retrieval.encoder_base import Encoder, combine_embeddings
-from cm3leon.retrieval.index import MemoryBank, Modality
+from cm3leon.retrieval.index import MemoryBank, Modality, record_hashes
 
 log = logging.getLogger(__name__)
+
+
+DUPLICATE_RULES = ("score", "content")
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,11 @@ class RetrieverConfig:
     seed: int = 0
     batch_size: int = 256
     exact_rescore: bool = True
+    duplicates: str = "score"  # "score" (paper) | "content" (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.duplicates not in DUPLICATE_RULES:
+            raise ValueError(f"duplicates must be one of {DUPLICATE_RULES}, got {self.duplicates!r}")
         if self.k_text < 0 or self.k_image < 0 or self.k_text + self.k_image == 0:
             raise ValueError(f"k_text={self.k_text}, k_image={self.k_image}: need non-negative counts, not both 0")
         if not 0.0 <= self.query_dropout < 1.0:
@@ -78,6 +90,8 @@ class PolicyStats:
     dropped_self: int = 0
     dropped_relevance: int = 0
     dropped_duplicate: int = 0
+    dropped_copy: int = 0  # "content": same content as the query or a pick
+    capped_same_caption: int = 0  # "score": dropped by the cap while sharing the query's exact caption
     unimodal_picked: int = 0
     relevance_sum: float = 0.0
 
@@ -138,6 +152,9 @@ def select_candidates(
     avoid_emb: np.ndarray | None = None,
     picked_ids: set[int] | None = None,
     stats: PolicyStats | None = None,
+    cand_hashes: np.ndarray | None = None,
+    query_hashes: np.ndarray | None = None,
+    avoid_hashes: np.ndarray | None = None,
 ) -> list[int]:
     """Positions (into the candidate arrays) of up to ``k`` documents the policy keeps.
 
@@ -145,6 +162,9 @@ def select_candidates(
     -1 = no candidate); ``cand_emb`` are their document embeddings; ``avoid_emb`` [P, D]
     holds the query document and documents already picked (near-duplicates of any of
     them are skipped); ``picked_ids`` are ids already picked (never picked again).
+    ``cand_hashes`` [C, 2], ``query_hashes`` [2] and ``avoid_hashes`` [P, 2] (rows aligned with
+    ``avoid_emb``) are (caption, image) content hashes, 0 = absent; ``cfg.duplicates="content"``
+    needs them.
     """
     stats = stats if stats is not None else PolicyStats()
     valid = cand_ids >= 0
@@ -152,7 +172,25 @@ def select_candidates(
         is_self = valid & (cand_ids == query_id)
         stats.dropped_self += int(is_self.sum())
         valid &= ~is_self
+    hashed = cand_hashes is not None and query_hashes is not None
+    content = cfg.duplicates == "content"
+    if content and not hashed:
+        raise ValueError('duplicates="content" needs content hashes of the candidates and the query')
+    same_caption = np.zeros(len(cand_ids), bool)
+    if hashed:
+        cand_hashes = np.asarray(cand_hashes, np.uint64)
+        qh = np.asarray(query_hashes, np.uint64)
+        same_caption = valid & (qh[0] != 0) & (cand_hashes[:, 0] == qh[0])
+        if content:
+            copy = valid & is_copy(cand_hashes, qh)
+            stats.dropped_copy += int(copy.sum())
+            valid &= ~copy
+            same_caption &= valid
     too_close = valid & (cand_scores > cfg.max_relevance)
+    if content:
+        too_close &= ~same_caption
+    else:
+        stats.capped_same_caption += int((too_close & same_caption).sum())
     stats.dropped_relevance += int(too_close.sum())
     valid &= ~too_close
     order = np.flatnonzero(valid)
@@ -164,10 +202,18 @@ def select_candidates(
     # with the query document and the picks so far, updated once per pick.
     emb = np.asarray(cand_emb, np.float32)[order]
     ids = cand_ids[order]
+    hs = np.asarray(cand_hashes, np.uint64)[order] if content else None
     near = np.full(len(order), -np.inf, np.float32)
-    if avoid_emb is not None and len(avoid_emb):
-        near = (emb @ np.asarray(avoid_emb, np.float32).reshape(-1, emb.shape[1]).T).max(axis=1)
     dup = np.isin(ids, np.fromiter(picked_ids, np.int64)) if picked_ids else np.zeros(len(order), bool)
+    if avoid_emb is not None and len(avoid_emb):
+        sims = emb @ np.asarray(avoid_emb, np.float32).reshape(-1, emb.shape[1]).T  # [C, P]
+        if hs is not None and avoid_hashes is not None:
+            ah = np.asarray(avoid_hashes, np.uint64).reshape(-1, 2)
+            shared = (hs[:, None, 0] == ah[None, :, 0]) & (ah[None, :, 0] != 0)
+            sims = np.where(shared, -np.inf, sims)
+            for a in ah:
+                dup |= is_copy(hs, a)
+        near = sims.max(axis=1) if sims.shape[1] else near
     picked: list[int] = []
     start = 0
     while len(picked) < k and start < len(order):
@@ -178,10 +224,27 @@ def select_candidates(
         j = start + int(np.argmax(ok))
         stats.dropped_duplicate += j - start  # examined and skipped before this pick
         picked.append(int(order[j]))
-        near = np.maximum(near, emb @ emb[j])
+        sim = emb @ emb[j]
+        if hs is not None:
+            # between documents that share a caption, only the same content is a duplicate
+            sim = np.where((hs[:, 0] == hs[j, 0]) & (hs[j, 0] != 0), -np.inf, sim)
+            dup |= is_copy(hs, hs[j])
+        near = np.maximum(near, sim)
         dup |= ids == ids[j]
         start = j + 1
     return picked
+
+
+def is_copy(hashes: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Which rows of ``hashes`` [C, 2] hold the same content as ``ref`` [2]: the same image
+    bytes, or (both without an image) the same caption."""
+    hashes = np.asarray(hashes, np.uint64)
+    t, i = np.uint64(ref[0]), np.uint64(ref[1])
+    if i != 0:
+        return hashes[:, 1] == i
+    if t != 0:
+        return (hashes[:, 1] == 0) & (hashes[:, 0] == t)
+    return np.zeros(len(hashes), bool)
 
 
 # ---------------------------------------------------------------------- retriever
@@ -199,6 +262,9 @@ class Retriever:
                 f"encoder {encoder.name} makes {encoder.dim}-d vectors but the index holds {bank.dim}-d ones "
                 f"(built with {bank.index.encoder_name}); use the encoder the index was built with"
             )
+        if self.cfg.duplicates == "content" and bank.hashes is None:
+            raise ValueError("the index has no content hashes (hashes.npy), which duplicates='content' needs; "
+                             "rebuild it with `cm3leon index build`, or use duplicates='score'")
 
     # ---- from records ---------------------------------------------------------------
     def retrieve(
@@ -235,7 +301,9 @@ class Retriever:
             text_q[has_text] = self.encoder.embed_text([t for t, h in zip(texts, has_text) if h])
         if has_image.any():
             image_q[has_image] = self.encoder.embed_image([r.image for r in records if r.image is not None])
-        return self.retrieve_vectors(text_q, image_q, has_text=has_text, has_image=has_image, query_ids=qids)
+        hashes = np.array([record_hashes(r) for r in records], np.uint64).reshape(n, 2)
+        return self.retrieve_vectors(text_q, image_q, has_text=has_text, has_image=has_image, query_ids=qids,
+                                     query_hashes=hashes)
 
     # ---- from vectors ---------------------------------------------------------------
     def retrieve_vectors(
@@ -247,12 +315,15 @@ class Retriever:
         has_image: np.ndarray | None = None,
         query_ids: np.ndarray | None = None,
         query_docs: np.ndarray | None = None,
+        query_hashes: np.ndarray | None = None,
     ) -> Retrieved:
         """The policy over precomputed unit query vectors [N, D].
 
         ``query_docs`` [N, D] are the query documents' vectors for the near-copy check;
         by default they are looked up in the bank by ``query_ids`` (or built from the two
-        query vectors when the id is not in the bank).
+        query vectors when the id is not in the bank). ``query_hashes`` [N, 2] are the queries'
+        (caption, image) hashes (:func:`~cm3leon.retrieval.index.record_hashes`); by default
+        they are looked up in the bank by ``query_ids`` (0, unknown, for other queries).
         """
         n = len(text_q)
         has_text = np.ones(n, bool) if has_text is None else np.asarray(has_text, bool)
@@ -263,13 +334,21 @@ class Retriever:
                 raise ValueError(f"{name} has shape {a.shape}; expected ({n}, {self.bank.dim}) to match the index")
         if query_docs is None:
             query_docs = self._query_docs(text_q, image_q, has_text, has_image, qids)
+        if query_hashes is None:
+            query_hashes = np.zeros((n, 2), np.uint64)
+            rows = self.bank.index.rows_of(qids)
+            if self.bank.hashes is not None and (rows >= 0).any():
+                query_hashes[rows >= 0] = self.bank.hashes[rows[rows >= 0]]
+        query_hashes = np.asarray(query_hashes, np.uint64)
+        if query_hashes.shape != (n, 2):
+            raise ValueError(f"query_hashes has shape {query_hashes.shape}; expected ({n}, 2)")
         ids = np.full((n, self.cfg.k), -1, np.int64)
         scores = np.full((n, self.cfg.k), np.nan, np.float32)
         stats = PolicyStats()
         for s in range(0, n, self.cfg.batch_size):
             sl = slice(s, min(n, s + self.cfg.batch_size))
             self._batch(text_q[sl], image_q[sl], has_text[sl], has_image[sl], qids[sl], query_docs[sl],
-                        ids[sl], scores[sl], stats)
+                        query_hashes[sl], ids[sl], scores[sl], stats)
         return Retrieved(ids=ids, scores=scores, stats=stats)
 
     def _query_docs(self, text_q, image_q, has_text, has_image, qids) -> np.ndarray:
@@ -293,7 +372,7 @@ class Retriever:
             return kt + ki, 0
         return kt, ki
 
-    def _batch(self, text_q, image_q, has_text, has_image, qids, qdocs, out_ids, out_scores, stats) -> None:
+    def _batch(self, text_q, image_q, has_text, has_image, qids, qdocs, qhashes, out_ids, out_scores, stats) -> None:
         cfg = self.cfg
         b = len(qids)
         quotas = [self._quotas(bool(t), bool(i)) for t, i in zip(has_text, has_image)]
@@ -308,13 +387,14 @@ class Retriever:
                 if len(rows):
                     sc, ii = self.bank.index.search(q[rows], min(fetch, len(self.bank)))
                     cand[name] = dict(zip(rows.tolist(), zip(sc, ii)))
-            table, multi_table, pos = self._lookup(cand)
+            table, multi_table, hash_table, pos = self._lookup(cand)
             if cfg.exact_rescore and not self.bank.index.exact:
                 self._rescore(cand, {"text": text_q, "image": image_q}, table, pos)
             short = []
             for r in pending.tolist():
                 row_stats = PolicyStats()
                 avoid = [qdocs[r]] if np.any(qdocs[r]) else []
+                avoid_h = [qhashes[r]] if avoid else []
                 col, exhausted, taken = 0, True, set()
                 for name, quota in zip(("text", "image"), quotas[r]):
                     if quota == 0:
@@ -322,14 +402,19 @@ class Retriever:
                     sc, ii = cand[name][r]
                     at = pos(ii)
                     emb, multi = table[at], multi_table[at]
+                    hashes = None if hash_table is None else hash_table[at]
                     picks = select_candidates(
                         ii, sc, emb, multi, k=quota, cfg=cfg, query_id=int(qids[r]),
                         avoid_emb=np.array(avoid) if avoid else None, picked_ids=taken, stats=row_stats,
+                        cand_hashes=hashes, query_hashes=None if hashes is None else qhashes[r],
+                        avoid_hashes=np.array(avoid_h, np.uint64) if avoid_h else None,
                     )
                     for j in picks:
                         taken.add(int(ii[j]))
                         out_ids[r, col], out_scores[r, col] = ii[j], sc[j]
                         avoid.append(emb[j])
+                        if hashes is not None:
+                            avoid_h.append(hashes[j])
                         col += 1
                         row_stats.picked += 1
                         row_stats.relevance_sum += float(sc[j])
@@ -356,8 +441,9 @@ class Retriever:
                 rows[r] = (exact[order], ii[order])
 
     def _lookup(self, cand: dict):
-        """Tables of the embeddings and multi-modality of every candidate id of a batch, and
-        the map from ids to their rows (-1 ids map to a zero / False sentinel row)."""
+        """Tables of the embeddings, multi-modality and content hashes (None without them) of
+        every candidate id of a batch, and the map from ids to their rows (-1 ids map to a
+        zero / False sentinel row)."""
         all_ids = np.concatenate([ii for d in cand.values() for _, ii in d.values()] or [np.zeros(0, np.int64)])
         uniq = np.unique(all_ids[all_ids >= 0])
         rows = self.bank.index.rows_of(uniq)
@@ -365,12 +451,16 @@ class Retriever:
         table[:-1] = self.bank.embeddings[rows] if len(rows) else table[:-1]
         mm = np.zeros(len(uniq) + 1, bool)
         mm[:-1] = (self.bank.modality[rows] & Modality.MULTI) == Modality.MULTI if len(rows) else mm[:-1]
+        hashes = None
+        if self.bank.hashes is not None:
+            hashes = np.zeros((len(uniq) + 1, 2), np.uint64)
+            hashes[:-1] = self.bank.hashes[rows] if len(rows) else hashes[:-1]
 
         def pos(ids: np.ndarray) -> np.ndarray:
             p = np.searchsorted(uniq, ids)
             return np.where(ids >= 0, p, len(uniq))  # -1 ids map to the zero/False sentinel row
 
-        return table, mm, pos
+        return table, mm, hashes, pos
 
 
 def _seed_id(query_id: int, text: str) -> int:
