@@ -206,6 +206,66 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class LRTail:
+    """The decay of an extended run: re-planned at step ``start`` from the learning rate the run
+    had there (``start_lr``, so no jump and no second warmup) to ``end_lr`` at step ``end``,
+    with the run's ``decay`` shape (``constant`` stays at ``start_lr``)."""
+
+    start: int
+    start_lr: float
+    end: int
+    end_lr: float
+    decay: str
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based; ``start`` <= step)."""
+        if self.decay == "constant":
+            return self.start_lr
+        t = min(1.0, max(0.0, (step - self.start) / max(1, self.end - self.start)))
+        if self.decay == "linear":
+            return self.start_lr - (self.start_lr - self.end_lr) * t
+        return self.end_lr + 0.5 * (self.start_lr - self.end_lr) * (1 + math.cos(math.pi * t))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LRTail:
+        return from_json_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A run's learning rate per step: ``cfg``'s warmup and decay, then ``tail`` from its start
+    step when the run was extended past the end it was planned for."""
+
+    cfg: TrainConfig
+    tail: LRTail | None = None
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if self.tail is not None and step >= self.tail.start:
+            return self.tail.lr_at(step)
+        return self.cfg.lr_at(step)
+
+    @property
+    def end(self) -> int:
+        """The step the schedule is planned to end at."""
+        return self.tail.end if self.tail is not None else self.cfg.steps
+
+    def extended_to(self, cfg: TrainConfig, step: int) -> LRSchedule:
+        """The schedule of a run resumed at ``step`` with ``cfg``: this one while ``cfg.steps`` is
+        not past its end; past it, a :class:`LRTail` from this schedule's rate at ``step`` down to
+        ``cfg``'s final rate (``lr * min_lr_ratio``) at ``cfg.steps`` (a run that had finished
+        its decay goes on at its final rate: a constant tail)."""
+        if cfg.steps <= self.end:
+            return self
+        tail = LRTail(start=step, start_lr=self.lr_at(step), end=cfg.steps, end_lr=cfg.lr * cfg.min_lr_ratio,
+                      decay=cfg.decay)
+        return LRSchedule(self.cfg, tail)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where a run's data is. Relative paths resolve against the workspace directory.
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from cm3leon.config import ModelConfig, save_json, to_json_dict
 from cm3leon.safetensors_io import WriteError, reporting_write_errors
 from cm3leon.train import checkpoint as ckpt_io
-from cm3leon.train.config import BatchPlan, TrainConfig
+from cm3leon.train.config import BatchPlan, LRSchedule, LRTail, TrainConfig
 from cm3leon.train.parallelize import (
     DistContext,
     all_reduce_,
@@ -468,6 +468,31 @@ def train(
         shutdown_distributed(ctx)
 
 
+def _resumed_schedule(cfg: TrainConfig, ckpt: ckpt_io.Checkpoint | None, step: int) -> LRSchedule:
+    """The learning-rate schedule of a run (resumed at ``step`` from ``ckpt``). When ``cfg.steps``
+    goes past the end the checkpointed run was planned for, the decay is re-planned from the
+    current rate to ``cfg``'s final rate at the new end, with no new warmup, and one line says so."""
+    if ckpt is None:
+        return LRSchedule(cfg)
+    try:
+        saved = ckpt.state.get("train_config")
+        tail = ckpt.state.get("lr_tail")
+        prev = LRSchedule(TrainConfig.from_dict(saved) if saved else cfg, LRTail.from_dict(tail) if tail else None)
+    except ValueError as e:  # a checkpoint of another version: its own schedule cannot be read back
+        log.warning("the checkpoint's train config cannot be read (%s); the schedule follows the run config", e)
+        return LRSchedule(cfg)
+    if cfg.steps <= prev.end:
+        return LRSchedule(cfg, prev.tail)
+    new = prev.extended_to(cfg, step)
+    t = new.tail
+    assert t is not None
+    shape = (f"constant at {t.start_lr:.3g}" if t.decay == "constant" or math.isclose(t.start_lr, t.end_lr)
+             else f"{t.decay} decay to {t.end_lr:.3g} at step {t.end}")
+    log.info("extending the run past its planned end: schedule end step %d -> %d; learning rate now %.3g "
+             "(step %d), then %s, no new warmup", prev.end, t.end, t.start_lr, step, shape)
+    return new
+
+
 class _Trainer:
     def __init__(
         self, model_cfg: ModelConfig, cfg: TrainConfig, data: Any, out: Path, vocab: Vocab, val: Any,
@@ -554,6 +579,7 @@ class _Trainer:
             step, consumed, tokens = ckpt.step, int(ckpt.state["consumed_samples"]), int(ckpt.state["tokens"])
             self.metrics.truncate_after(step)
             log.info("resumed from %s (step %d, %d samples consumed)", ckpt.path, step, consumed)
+        self.schedule = _resumed_schedule(cfg, ckpt, step)
         if ctx.is_main:
             save_json(cfg.to_dict(), out / "train_config.json")
             log.info(
@@ -646,7 +672,8 @@ class _Trainer:
             dt = max(time.perf_counter() - t_last, 1e-9)
             loss = sum(x[1] for x in interval) / len(interval)
             rec = {"split": "train", "step": now_step, "loss": loss, "grad_norm": interval[-1][2],
-                   "lr": cfg.lr_at(now_step - 1), "tokens": tokens, "tokens_per_s": (tokens - tokens_last) / dt,
+                   "lr": self.schedule.lr_at(now_step - 1), "tokens": tokens,
+                   "tokens_per_s": (tokens - tokens_last) / dt,
                    "epoch": consumed / len(self.data)}
             self.metrics.write(rec)
             self.losses[now_step] = loss
@@ -678,6 +705,8 @@ class _Trainer:
                 state = {"consumed_samples": consumed, "tokens": tokens, "world_size": ctx.world_size,
                          "model_config": to_json_dict(self.model_cfg), "train_config": cfg.to_dict(),
                          "vocab": self.vocab.to_dict(), "lr_schedule_step": now_step}
+                if self.schedule.tail is not None:
+                    state["lr_tail"] = self.schedule.tail.to_dict()
                 if self.lora is not None:
                     state["lora"] = self.lora.to_dict()
                 try:
@@ -700,7 +729,7 @@ class _Trainer:
                 if stop.requested:
                     status = "interrupted"
                     break
-                lr = cfg.lr_at(step)
+                lr = self.schedule.lr_at(step)
                 for g in optim.param_groups:
                     g["lr"] = lr
                 micro = [next(batches) for _ in range(plan.grad_accum)]
