@@ -250,13 +250,17 @@ class Stages:
     A stage folder is deleted only when it holds nothing but what its stage wrote
     (``stage.json`` lists those files; ``stage.started.json`` marks a stage that started);
     a folder holding other files is refused (:class:`cm3leon.workspace.NotOwnedError`).
+    ``preset`` is the dataclass whose fields stages name: a :class:`QuickstartPreset` or an
+    own-data plan (:mod:`cm3leon.quickstart.own_data`).
     """
 
-    def __init__(self, out: Path, preset: QuickstartPreset, *, device: str = "cpu", force: bool = False) -> None:
+    def __init__(self, out: Path, preset: Any, *, device: str = "cpu", force: bool = False) -> None:
         self.out, self.preset, self.force = out, preset, force
         self.timings: dict[str, float] = {}
         self.results: dict[str, Any] = {}
-        self._base = {"format": STAGE_FORMAT, "device": device, "world": _jsonable(preset.world)}
+        self._base: dict[str, Any] = {"format": STAGE_FORMAT, "device": device}
+        if getattr(preset, "world", None) is not None:  # the Shapes world is an input of every Shapes stage
+            self._base["world"] = _jsonable(preset.world)
         self._inputs: dict[str, dict[str, Any]] = {}
 
     def run(self, name: str, fn: Callable[[Path], dict[str, Any]], fields: tuple[str, ...] = (),
