@@ -9,7 +9,10 @@ instruct-CFG / CD-K, modality mask, temperature, top-k, top-p, all from
 tokens fed before it. Drafts are then accepted left to right:
 
 - draft ``d_j`` was drawn from ``q_j``, the distribution of place j computed in the
-  previous iteration (uniform over the allowed ids for places no iteration reached yet);
+  previous iteration; places no iteration reached yet draw from the row's newest ``p``
+  (that of the last window place: any distribution fixed before the draw keeps the test
+  exact, and on images of large uniform regions the last place predicts the next ones far
+  better than the paper's uniform initialisation, also available);
   it is accepted with probability ``min(1, p_j(d_j) / q_j(d_j))``;
 - at the first rejection the token is drawn from the residual ``norm(max(0, p_j - q_j))``;
   this is the speculative-sampling test (Leviathan et al. 2023, Chen et al. 2023), so
@@ -131,6 +134,7 @@ def jacobi_decode(
     cd_rows: Tensor | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
     callback_every: int = 64,
+    unreached: str = "last",
 ) -> JacobiResult:
     """Decode ``n_new`` image tokens per sample row with a window of ``window`` drafts.
 
@@ -139,7 +143,10 @@ def jacobi_decode(
     is the modality mask inside ``head_window = (lo, hi)`` (V_w = hi - lo ids, the ids the
     LM head computes); returned tokens are in ``[0, V_w)`` (add ``lo`` for unified ids).
     ``callback(n, tokens + lo)`` sees the tokens every row has accepted, about every
-    ``callback_every`` tokens and at the end.
+    ``callback_every`` tokens and at the end. ``unreached``: what the drafts of places that no
+    window reached yet are drawn from: ``"last"`` (default) the newest ``p`` of the row (the
+    last window place; after the prefill, the first place's), ``"uniform"`` the allowed ids
+    uniformly (the paper's random initialisation).
     """
     if window < 1:
         raise ValueError(f"jacobi window must be >= 1 draft token, got {window}")
@@ -159,14 +166,26 @@ def jacobi_decode(
         scores = next_token_scores(stream_logits, allowed, cfg, cd_rows=rows).view(B, K, -1)
         return scores if cfg.greedy else torch.softmax(scores.float(), dim=-1)
 
+    def fill(dist: Tensor, start: int, stop: int) -> Tensor:
+        """Drafts of places ``start..stop-1`` that no window reached yet, and their q (B, V_w)."""
+        q_new = uniform.expand(B, -1) if unreached == "uniform" else dist
+        if stop > start:
+            if cfg.greedy and unreached != "uniform":
+                tok[:, start:stop] = q_new.argmax(-1, keepdim=True)
+            else:
+                tok[:, start:stop] = _draw(q_new[:, None].expand(B, stop - start, -1), generator)
+        return q_new
+
+    if unreached not in ("last", "uniform"):
+        raise ValueError(f"unreached must be 'last' or 'uniform', got {unreached!r}")
     cache = KVCache.allocate(model.cfg, SB, ids.shape[1] + n_new - 1, device=device, dtype=dtype)
     p0 = probs_of(prefill(model, ids, valid, cache, last_only=True, head_window=head_window)[:, -1], 1)[:, 0]
     forwards = 1
     # tok[b, j]: accepted token of place j if j < acc[b], else the current draft of place j.
-    tok = torch.multinomial(uniform.expand(B, -1), n_new, replacement=True, generator=generator)
+    tok = torch.zeros((B, n_new), dtype=torch.long, device=device)
     tok[:, 0] = p0.argmax(-1) if cfg.greedy else _draw(p0, generator)
+    q = fill(p0, 1, min(window + 2, n_new))[:, None].expand(B, window + 1, -1)  # q[:, i]: of place n + i
     acc = torch.ones(B, dtype=torch.long, device=device)
-    q = uniform.expand(B, window + 1, -1)  # q[:, i]: draft distribution of place n + i
     n = 1  # every row has accepted places 0..n-1; the cache holds places 0..n-2
     reported = 0
     if callback is not None and n_new == 1:
@@ -208,11 +227,11 @@ def jacobi_decode(
         tok[:, n : n + K] = torch.where(redraft, fresh, tok[:, n : n + K])
         n_next = int(acc.min())
         rollback(cache, K, n_next - n, image_tokens=image_tokens)
+        reach = min(n_next + window + 1, n_new)  # the next window's places end before it
+        q_far = fill(p[:, K - 1], n + K, reach)
         if not cfg.greedy:
             shift, m = n_next - n, min(window + 1, n + K - n_next)
-            q_next = uniform.expand(B, window + 1, -1).clone()
-            q_next[:, :m] = p[:, shift : shift + m]
-            q = q_next
+            q = torch.cat([p[:, shift : shift + m], q_far[:, None].expand(B, window + 1 - m, -1)], 1)
         n = n_next
         if callback is not None and (n // callback_every > reported or n == n_new):
             reported = n // callback_every
