@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "export",      # cm3leon export-hf|import-hf
     "generate",    # cm3leon generate|caption|ask|edit|control|infill
     "eval",        # cm3leon eval
+    "model",       # cm3leon model assemble
     "quickstart",  # cm3leon quickstart
     "serve",       # cm3leon serve
 ]
