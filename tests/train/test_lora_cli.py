@@ -58,6 +58,11 @@ def test_sft_lora_merge_then_generate(workspace, capsys, caplog):
     assert torch.equal(base.tok_emb.weight, merged.tok_emb.weight)
     assert not torch.equal(base.blocks[0].attn.qkv.weight, merged.blocks[0].attn.qkv.weight)
     assert (out / "merged" / "text_tokenizer").is_dir() and not (out / "merged" / "checkpoints").exists()
+    # a finished run merges again with --resume (nothing more trains)
+    assert main([*args[:-1], "--resume", "--merge", str(workspace / "again")]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    again = load_model(workspace / "again")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), merged.state_dict().values()))
     png = workspace / "g.png"
     assert main(["generate", "--model", str(out / "merged"), "a red circle", "--n", "1", "--no-rerank",
                  "--out", str(png)]) == 0
