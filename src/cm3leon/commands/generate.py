@@ -48,6 +48,10 @@ def register(sub: Any) -> None:
                    help=f"retrieved documents to prepend ({_FROM_MODEL})")
     g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                    help=f"order samples by CLIP score, best first ({_FROM_MODEL})")
+    g.add_argument("--jacobi-window", type=int, default=None,
+                   help=f"speculative Jacobi decoding with this many draft tokens, 0 = sequential ({_FROM_MODEL})")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="decode with a bf16 or int8 (dynamic quantization, CPU) copy of the model (default fp32)")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("caption", help="image-to-text", formatter_class=fmt, description="Describe an image.",
@@ -141,9 +145,14 @@ def _save(images: list[Any], out: str) -> None:
 def _generate(args: argparse.Namespace) -> int:
     _check_common(args)
     pipe = _load(args)
+    if args.precision != "fp32":
+        from cm3leon.generate.precision import for_decoding
+
+        pipe.model = for_decoding(pipe.model, args.precision)
     res = pipe.generate_image(args.prompt, n=args.n, guidance=args.guidance, temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, cd_k=args.cd_k, cd_alpha=args.cd_alpha,
-                              mode=args.mode, retrieve=args.retrieve, rerank=args.rerank, seed=args.seed)
+                              mode=args.mode, retrieve=args.retrieve, rerank=args.rerank, seed=args.seed,
+                              jacobi_window=args.jacobi_window)
     if res.retrieved:
         print("retrieved:", " | ".join(res.retrieved))
     if res.scores:
