@@ -94,7 +94,8 @@ def _add_train_image(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", required=True, help="dataset dir or raw source with images")
-    p.add_argument("--preset", default="shapes-32", help="model + training preset: shapes-32, shapes-64, paper-256")
+    p.add_argument("--preset", default="shapes-32",
+                   help="model + training preset: shapes-32, shapes-64, shapes-128, shapes-256 (CPU-sized), paper-256")
     p.add_argument("--out", required=True, help="output directory (tokenizer, checkpoint/, samples/, metrics.json)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")

@@ -138,10 +138,21 @@ VQ_PRESETS: dict[str, VQConfig] = {
         resolution=32, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
         z_channels=64, embed_dim=8, codebook_size=512, l2_norm_codes=True, num_groups=8, patch_local=True,
     ),
-    # 64 px -> 8x8 = 64 tokens (f=8).
+    # 64 px -> 8x8 = 64 tokens (f=8): the LM sees as many tokens per image as at 32 px.
+    # Patch-local for the reason given at shapes-32.
     "shapes-64": VQConfig(
         resolution=64, ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
-        z_channels=64, embed_dim=8, codebook_size=1024, l2_norm_codes=True, num_groups=8,
+        z_channels=64, embed_dim=8, codebook_size=1024, l2_norm_codes=True, num_groups=8, patch_local=True,
+    ),
+    # 128 px -> 16x16 = 256 tokens (f=8); width 8 at full resolution keeps a CPU step near 0.5 s.
+    "shapes-128": VQConfig(
+        resolution=128, ch=8, ch_mult=(1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
+        z_channels=64, embed_dim=8, codebook_size=1024, l2_norm_codes=True, num_groups=8, patch_local=True,
+    ),
+    # 256 px -> 16x16 = 256 tokens (f=16): CPU-sized; paper-256 is the paper's f=8, 1024 tokens.
+    "shapes-256": VQConfig(
+        resolution=256, ch=8, ch_mult=(1, 1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(), mid_attn=False,
+        z_channels=64, embed_dim=8, codebook_size=1024, l2_norm_codes=True, num_groups=8, patch_local=True,
     ),
     # Paper scale: 256 px -> 32x32 = 1024 tokens, 8192 codes, f=8, taming-like channels.
     "paper-256": VQConfig(

@@ -96,8 +96,13 @@ TRAIN_PRESETS: dict[str, VQTrainConfig] = {
     # Small batches: on a CPU, more steps beat more images per step for this model size.
     "shapes-32": VQTrainConfig(steps=2400, batch_size=8, lr=2e-3, log_every=100, sample_every=600,
                                checkpoint_every=600, restart_sampling="error"),
-    "shapes-64": VQTrainConfig(steps=4000, batch_size=8, lr=2e-3, log_every=100, sample_every=1000,
-                               checkpoint_every=1000),
+    # The larger CPU presets: about 5 minutes each on one shared core (docs/tokenizers.md).
+    "shapes-64": VQTrainConfig(steps=1200, batch_size=8, lr=2e-3, log_every=100, sample_every=400,
+                               checkpoint_every=400, restart_sampling="error"),
+    "shapes-128": VQTrainConfig(steps=500, batch_size=8, lr=2e-3, warmup_steps=25, log_every=50,
+                                sample_every=250, checkpoint_every=250, restart_sampling="error"),
+    "shapes-256": VQTrainConfig(steps=200, batch_size=8, lr=2e-3, warmup_steps=10, restart_every=10, log_every=20,
+                                sample_every=100, checkpoint_every=100, restart_sampling="error"),
     "paper-256": VQTrainConfig(
         steps=200_000, batch_size=16, lr=2e-4, warmup_steps=1000, min_lr_ratio=0.1, adversarial_weight=0.1,
         adversarial_start=50_000, restart_every=0, sample_every=2000, checkpoint_every=2000,

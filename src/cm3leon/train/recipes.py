@@ -185,8 +185,9 @@ def sft_quickstart_gpu(steps: int | None = None) -> RunConfig:
 
 @recipe("shapes-64")
 def shapes_64(steps: int | None = None) -> RunConfig:
-    """One GPU, about an hour: 64 px Shapes with 3 retrieved documents (seq 1280 fits 256-token
-    images; the ``shapes-64`` image tokenizer preset gives 64)."""
+    """One GPU, about an hour: 64 px Shapes with 3 retrieved documents. The image length is the
+    data's (its image tokenizer's): 64 tokens with the ``shapes-64`` preset, 256 with
+    ``shapes-128``; seq 1280 fits three retrieved documents and the query at 256 tokens each."""
     return RunConfig(
         name="shapes-64",
         model="shapes",
