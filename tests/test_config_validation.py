@@ -29,7 +29,7 @@ MODEL = {"vocab_size": 200, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq
     ("n_layers", -1, "n_layers must be a whole number >= 1 (got -1)"),
     ("n_layers", True, "n_layers must be a whole number >= 1 (got True)"),
     ("d_ff", 0, "d_ff must be a whole number >= 1 or null (got 0)"),
-    ("activation", "tanh", "activation must be one of ['relu', 'gelu'] (got 'tanh')"),
+    ("activation", "tanh", "activation must be one of ['relu', 'gelu', 'silu'] (got 'tanh')"),
     ("init_std", float("nan"), "init_std must be a finite number >= 0 (got nan)"),
     ("image_axial", 1, "image_axial must be true or false (got 1)"),
     ("image_tokens", -4, "image_tokens must be a whole number >= 0 (got -4)"),

@@ -56,6 +56,15 @@ class ModelConfig:
     # row/column vector is trained by every token of that row/column, so "on the left" is
     # one thing to learn instead of one per place.
     image_axial: bool = False
+    # The decoder family: "cm3leon" (the paper's OPT-style block, model/transformer.py) or
+    # "chameleon" (Chameleon's Llama-style block, model/chameleon.py: RMSNorm, rotary
+    # positions, SwiGLU, per-head query/key LayerNorm). The fields below are read by the
+    # Chameleon block only; d_ff is its intermediate size.
+    family: str = "cm3leon"
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads (default n_heads)
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    swin_norm: bool = False  # Chameleon-34B: normalize each sublayer's output instead of its input
 
     def __post_init__(self) -> None:
         problems = self.field_problems(dataclasses.asdict(self))
@@ -68,6 +77,12 @@ class ModelConfig:
             if self.image_axial and (not self.image_tokens or math.isqrt(self.image_tokens) ** 2 != self.image_tokens):
                 problems.append("image_axial needs image_tokens to be a square number (a square image grid), "
                                 f"got image_tokens={self.image_tokens}")
+            if self.family == "chameleon" and self.image_tokens:
+                problems.append("the chameleon family has no image-place embedding; set image_tokens=0")
+            if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            if self.family == "cm3leon" and (self.n_kv_heads not in (None, self.n_heads) or self.swin_norm):
+                problems.append("n_kv_heads and swin_norm belong to the chameleon family; set family='chameleon'")
             if self.image_vocab >= self.vocab_size:
                 problems.append(f"image_vocab={self.image_vocab} must be smaller than vocab_size={self.vocab_size}")
         if problems:
@@ -84,12 +99,17 @@ class ModelConfig:
             "n_heads": lambda v: int_problem("n_heads", v, low=1),
             "d_ff": lambda v: int_problem("d_ff", v, low=1, optional=True),
             "max_seq_len": lambda v: int_problem("max_seq_len", v, low=1),
-            "activation": lambda v: choice_problem("activation", v, ("relu", "gelu")),
+            "activation": lambda v: choice_problem("activation", v, ("relu", "gelu", "silu")),
             "init_std": lambda v: number_problem("init_std", v, low=0.0),
             "pos_init_std": lambda v: number_problem("pos_init_std", v, low=0.0),
             "image_tokens": lambda v: int_problem("image_tokens", v, low=0),
             "image_vocab": lambda v: int_problem("image_vocab", v, low=0),
             "image_axial": lambda v: bool_problem("image_axial", v),
+            "family": lambda v: choice_problem("family", v, ("cm3leon", "chameleon")),
+            "n_kv_heads": lambda v: int_problem("n_kv_heads", v, low=1, optional=True),
+            "rms_eps": lambda v: number_problem("rms_eps", v, low=0.0, low_open=True),
+            "rope_theta": lambda v: number_problem("rope_theta", v, low=0.0, low_open=True),
+            "swin_norm": lambda v: bool_problem("swin_norm", v),
         }
         return [msg for k, v in d.items() if k in checks and (msg := checks[k](v))]
 
@@ -100,6 +120,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (what the KV cache stores)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -223,7 +223,7 @@ def test_load_refuses_hf_directory_and_unknown_fields(tmp_path):
     save_json({**cfg, "model_type": "opt"}, d / "config.json")
     with pytest.raises(ValueError, match="import-hf"):
         load_model(d)
-    save_json({**cfg, "n_kv_heads": 2}, d / "config.json")
+    save_json({**cfg, "n_experts": 2}, d / "config.json")
     with pytest.raises(ValueError, match="unknown fields"):
         load_model(d)
 

@@ -38,7 +38,7 @@ class KVCache(nn.Module):
     """Per-layer K/V buffers plus the decoding state of a batch of ``batch`` streams.
 
     Buffers (registered, so ``cache.to(device)`` moves them):
-    ``k``, ``v`` Float[L, B, nh, S, hd]; ``valid`` Bool[B, S] (keys that may be attended);
+    ``k``, ``v`` Float[L, B, n_kv_heads, S, hd]; ``valid`` Bool[B, S] (keys that may be attended);
     ``pos`` Long[B] (each row's next position); ``slot`` Long[1] (next slot to write);
     ``image_idx`` Long[B] (place in its image of each row's last token, -1 outside images;
     for models with ``image_tokens``).
@@ -106,7 +106,7 @@ class KVCache(nn.Module):
                 f"max_len={max_len} must be in [1, max_seq_len={cfg.max_seq_len}]; "
                 "shorten the prompt or the number of tokens to generate"
             )
-        return cls(cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim, device=device, dtype=dtype, static=static)
+        return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype, static=static)
 
     def layers(self) -> list[tuple[Tensor, Tensor]]:
         """The per-layer (K, V) buffer views, each Float[B, nh, S, hd]."""

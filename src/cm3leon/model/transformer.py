@@ -6,6 +6,10 @@ cut at 3 std), the learned absolute positional embedding with std 0.0002 and the
 (untied) output layer with zeros. This file holds the architecture only: no loss, no
 sampling, no training infrastructure. The static KV cache used for decoding lives in
 ``kv_cache.py`` and drives :meth:`Transformer.forward_cached`.
+
+``ModelConfig.family == "chameleon"`` swaps in the Chameleon block (``chameleon.py``):
+rotary positions instead of the learned table, RMSNorm, SwiGLU, query/key head norms.
+Everything else here (embedding, cache protocol, head) is shared by both families.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon.config import ModelConfig
+from cm3leon.model.chameleon import ChameleonBlock, RMSNorm, init_chameleon_, rope_tables
 
 
 def image_index(ids: Tensor, first_image_id: int, image_tokens: int) -> Tensor:
@@ -116,7 +121,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        self.act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[cfg.activation]()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -144,7 +149,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only transformer over the unified text+image vocabulary.
+    """Decoder-only transformer over the unified text+image vocabulary (paper or Chameleon blocks).
 
     With ``cfg.image_tokens`` (NOT in the paper, see :class:`ModelConfig`) each image token
     also gets a learned embedding of its place in its image (plus row and column ones with
@@ -156,23 +161,31 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.rotary = cfg.family == "chameleon"  # positions enter every attention layer, not the input
+        if not self.rotary:
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         if cfg.image_tokens:
             self.image_pos_emb = nn.Embedding(cfg.image_tokens, cfg.d_model)
         if cfg.image_axial:
             side = math.isqrt(cfg.image_tokens)
             self.image_row_emb = nn.Embedding(side, cfg.d_model)
             self.image_col_emb = nn.Embedding(side, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
+        block = ChameleonBlock if self.rotary else Block
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_eps) if self.rotary else nn.LayerNorm(cfg.d_model,
+                                                                                        elementwise_affine=False)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Paper §2.3 init: trunc-normal(0, std, ±3 std) everywhere, pos-emb std 0.0002, LM head 0."""
+        """Paper §2.3 init: trunc-normal(0, std, ±3 std) everywhere, pos-emb std 0.0002, LM head 0
+        (the chameleon family: ``transformers``' init with std ``init_std``)."""
         std = self.cfg.init_std
+        if self.rotary:
+            init_chameleon_(self, std)
+            return
         for name, p in self.named_parameters():
             if name in ("pos_emb.weight", "image_pos_emb.weight", "image_row_emb.weight", "image_col_emb.weight"):
                 ps = self.cfg.pos_init_std
@@ -186,7 +199,7 @@ class Transformer(nn.Module):
         """Number of parameters; ``non_embedding`` leaves out the token and position tables."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= self.tok_emb.weight.numel() + (0 if self.rotary else self.pos_emb.weight.numel())
             if self.cfg.image_tokens:
                 n -= self.image_pos_emb.weight.numel()
             if self.cfg.image_axial:
@@ -204,7 +217,7 @@ class Transformer(nn.Module):
         ``image_idx`` Long[B, T] (see :func:`image_index`) defaults to one computed from ``ids``;
         it is ignored without ``cfg.image_tokens``.
         """
-        x = self.tok_emb(ids) + self.pos_emb(positions)
+        x = self.tok_emb(ids) if self.rotary else self.tok_emb(ids) + self.pos_emb(positions)
         if not self.cfg.image_tokens:
             return x
         if image_idx is None:
@@ -215,6 +228,12 @@ class Transformer(nn.Module):
             side = self.image_row_emb.num_embeddings
             emb = emb + self.image_row_emb(place // side) + self.image_col_emb(place % side)
         return x + emb * (image_idx >= 0).unsqueeze(-1).to(x.dtype)
+
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
+        """The blocks' extra keyword: the rotary tables of ``positions`` (chameleon family), else nothing."""
+        if not self.rotary:
+            return {}
+        return {"rope": rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)}
 
     def forward(
         self, ids: Tensor, positions: Tensor | None = None, *, key_valid: Tensor | None = None,
@@ -242,11 +261,12 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=ids.device).expand(B, T)
         attn_mask = None if key_valid is None else padded_causal_mask(key_valid)
         x = self.embed(ids, positions, image_idx)  # (B, T, C)
+        pos_kw = self._rope(positions, x.dtype)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, use_reentrant=False, **pos_kw)
             else:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, **pos_kw)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     def forward_cached(
@@ -275,8 +295,9 @@ class Transformer(nn.Module):
         image (models with ``image_tokens``; the cache tracks it across steps).
         """
         x = self.embed(ids, positions, image_idx)  # (B, T, C)
+        pos_kw = self._rope(positions, x.dtype)
         for block, layer_kv in zip(self.blocks, kv):
-            x = block(x, attn_mask, layer_kv, slots)
+            x = block(x, attn_mask, layer_kv, slots, **pos_kw)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         if head_window is not None:
