@@ -273,8 +273,8 @@ def _image_plan(
     for i, p in enumerate(cond):
         if p[-1] != vocab.break_id:
             raise ValueError(
-                f"prompts[{i}] ends with {vocab.token_name(p[-1])}, but an image starts after <break> "
-                "(layout '<eos> caption <break>'); append vocab.break_id"
+                f"prompts[{i}] ends with {vocab.token_name(p[-1])}, but an image starts after "
+                f"{vocab.token_name(vocab.break_id)} (layout '<eos> caption <break>'); append vocab.break_id"
             )
 
     def others(name: str, given: Sequence[Sequence[int]] | None, mask_images: bool) -> list[list[int]]:
@@ -408,7 +408,7 @@ def generate_text(
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cond = _check_prompts("prompts", prompts, vocab)
-    stops = (vocab.eos_id, vocab.break_id) if stop_ids is None else tuple(int(s) for s in stop_ids)
+    stops = vocab.stop_ids if stop_ids is None else tuple(int(s) for s in stop_ids)
     if not stops:
         raise ValueError("stop_ids is empty; pass at least one id (default: <eos>, <break>)")
     allowed = text_allowed(vocab)

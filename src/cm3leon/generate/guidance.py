@@ -20,7 +20,9 @@ The token picked from those scores is then fed to every stream of that sample.
 
 The unconditional stream of a text-to-image prompt ``<eos> caption <break>`` is
 ``<eos> <mask:0> <break>`` (DESIGN.md: a whole masked text segment is a normal CM3
-training sequence): see :func:`unconditional_prompt`.
+training sequence): see :func:`unconditional_prompt`. A model with its own id table
+(Chameleon) has no sentinels: its unconditional stream is the prompt with the text left
+out, ``<s> <begin-image>``, as in Chameleon's own inference code.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def unconditional_prompt(
     """
     if not ids:
         raise ValueError("empty prompt: a prompt needs at least '<eos> ... <break>'")
+    if vocab.ids is not None:
+        return _dropped_prompt(ids, vocab, mask_images=mask_images, query_only=query_only)
     start = 0
     if query_only and vocab.eos_id in ids:
         start = len(ids) - 1 - ids[::-1].index(vocab.eos_id)
@@ -150,4 +154,29 @@ def unconditional_prompt(
             n_masked += 1
         else:
             out.extend(run)
+    return out
+
+
+def _dropped_prompt(ids: list[int], vocab: Vocab, *, mask_images: bool, query_only: bool) -> list[int]:
+    """:func:`unconditional_prompt` for an id-table vocabulary: text runs are left out (images too,
+    with their markers, if ``mask_images``); the markers of kept images and a trailing
+    begin-image stay."""
+    start = 0
+    if query_only and vocab.eos_id in ids:
+        start = len(ids) - 1 - ids[::-1].index(vocab.eos_id)
+    out = list(ids[:start])
+    end_image = vocab.end_image_id
+    skip_close = False
+    for kind, run in vocab.split_segments(ids[start:]):
+        if kind is Kind.TEXT:
+            continue
+        if kind is Kind.IMAGE and mask_images:
+            if out and out[-1] == vocab.break_id:
+                out.pop()  # the image's begin marker
+            skip_close = True
+            continue
+        if skip_close and run == [end_image]:
+            skip_close = False
+            continue
+        out.extend(run)
     return out

@@ -8,6 +8,10 @@ segments are separated by ``<break>``::
 
 Several documents (retrieved ones first, the query last) are simply concatenated: each
 one's leading ``<eos>`` separates it from the previous one.
+
+A vocabulary with an explicit id table (a converted Chameleon) lays the same document out
+with the model's own markers: ``<s> caption <begin-image> IMAGE <end-image>``
+(:meth:`Vocab.segment_prefix` / :meth:`Vocab.segment_suffix`).
 """
 
 from __future__ import annotations
@@ -54,11 +58,11 @@ class Document:
         return any(isinstance(s, ImageSegment) for s in self.segments)
 
     def to_ids(self, vocab: Vocab) -> list[int]:
-        """Unified ids: ``<eos>`` then the segments joined by ``<break>``."""
+        """Unified ids: ``<eos>`` then the segments joined by ``<break>`` (or wrapped in the id table's markers)."""
         out = [vocab.eos_id]
         for k, seg in enumerate(self.segments):
-            if k:
-                out.append(vocab.break_id)
+            kind = Kind.TEXT if isinstance(seg, TextSegment) else Kind.IMAGE
+            out.extend(vocab.segment_prefix(kind, first=k == 0))
             if isinstance(seg, TextSegment):
                 out.extend(vocab.text_to_ids(list(seg.bpe_ids)))
             else:
@@ -68,6 +72,7 @@ class Document:
                         f"exactly {vocab.image_seq_len} (image tokenizer and model config disagree)"
                     )
                 out.extend(vocab.codes_to_ids(list(seg.codes)))
+            out.extend(vocab.segment_suffix(kind))
         return out
 
     @classmethod
@@ -79,8 +84,9 @@ class Document:
         body = ids[1:]
         if vocab.eos_id in body:
             raise ValueError("from_ids got several documents; split them with split_documents first")
+        markers = {vocab.break_id, vocab.end_image_id}
         for kind, run in vocab.split_segments(body):
-            if run == [vocab.break_id]:
+            if len(run) == 1 and run[0] in markers:
                 continue
             if kind is Kind.TEXT and all(vocab.kind(i) is Kind.TEXT for i in run):
                 segs.append(TextSegment(tuple(vocab.ids_to_text(run))))

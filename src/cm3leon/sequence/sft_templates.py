@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from cm3leon.data.shards import TextEncoder
 from cm3leon.sequence.cm3 import apply_spans
-from cm3leon.vocab import Vocab
+from cm3leon.vocab import Kind, Vocab
 
 BOX_GRID = 100
 _FIELD_RE = re.compile(r"\{(\w+)\}")
@@ -244,9 +244,13 @@ def render_training(
         raise ValueError(f"task {t.name!r} needs fields {list(t.fields(variant))}; missing {missing}")
     ids = [vocab.eos_id]
     span: dict[str, tuple[int, int]] = {}
-    for k, slot in enumerate(t.variants[variant]):
-        if k:
-            ids.append(vocab.break_id)
+    slots = list(t.variants[variant])
+    if vocab.ids is not None and t.target_kind == "text":
+        # A model without CM3 infilling reads left to right: the images a text answer is about
+        # come first, so the answer can be the document's causal continuation.
+        slots = [s for s in slots if isinstance(s, ImageSlot)] + [s for s in slots if not isinstance(s, ImageSlot)]
+    for k, slot in enumerate(slots):
+        ids.extend(vocab.segment_prefix(Kind.IMAGE if isinstance(slot, ImageSlot) else Kind.TEXT, first=k == 0))
         if isinstance(slot, ImageSlot):
             value = fields[slot.field]
             codes = value.tolist() if hasattr(value, "tolist") else list(value) if isinstance(value, Sequence) else None
@@ -259,6 +263,7 @@ def render_training(
                 raise ValueError(f"task {t.name!r}: codes of {slot.field!r} are outside [0, {vocab.image_size})")
             span[slot.field] = (len(ids), len(ids) + len(codes))
             ids.extend(vocab.codes_to_ids(codes))
+            ids.extend(vocab.segment_suffix(Kind.IMAGE))
             continue
         start = len(ids)
         for name, text in _text_pieces(slot.template):
@@ -282,7 +287,7 @@ def render_training(
 def infill_form(ids: Sequence[int], target: tuple[int, int], vocab: Vocab) -> list[int]:
     """The training document with its target as the CM3 span (a target at the end stays causal)."""
     s, e = target
-    if e == len(ids):
+    if e == len(ids) or vocab.ids is not None:  # a model without infilling trains on the causal form
         return list(ids)
     return apply_spans(ids, vocab, [(s, e)])
 
@@ -310,7 +315,7 @@ def render_prompt(
             filled[name] = [0] * vocab.image_seq_len if t.target_kind == "image" else "x"
     r = render_training(t, filled, text_tok, vocab, variant=variant)
     s, e = r.target
-    if e == len(r.ids):
+    if e == len(r.ids) or vocab.ids is not None:  # causal: everything before the target
         return r.ids[:s], r.kind
     form = infill_form(r.ids, r.target, vocab)
     return form[: len(r.ids) - (e - s) + 2], r.kind  # body with <mask:0>, then <infill>
