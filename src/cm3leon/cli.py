@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "retrieval",   # cm3leon retrieval train-encoder ; cm3leon index build|search
     "train",       # cm3leon train ; cm3leon sft
     "export",      # cm3leon export-hf|import-hf
+    "convert",     # cm3leon convert chameleon
     "generate",    # cm3leon generate|caption|ask|edit|control|infill
     "eval",        # cm3leon eval
     "model",       # cm3leon model assemble

@@ -4,7 +4,9 @@ A model directory (like a Hugging Face one) holds everything inference needs::
 
     model_dir/
       config.json, model.safetensors, vocab.json   the decoder (model/io.py) and its Vocab
-      text_tokenizer/                              byte-level BPE (tokenize/text_bpe.py)
+                                                   (or model-*.safetensors + model.safetensors.index.json)
+      text_tokenizer/                              byte-level BPE (tokenize/text_bpe.py), or a converted
+                                                   model's own tokenizer.json (tokenize/text_hf.py)
       image_tokenizer/                             VQ-GAN (tokenize/image_vq.py)
       retrieval/encoder/                           optional: retrieval encoder (retrieval/encoder.py)
       reranker/                                    optional: an encoder for CLIP re-ranking only
@@ -39,7 +41,7 @@ from cm3leon.generate.generation_config import PAPER_DEFAULTS, GenerationConfig,
 from cm3leon.generate.guidance import unconditional_prompt
 from cm3leon.generate.logits import SamplingConfig
 from cm3leon.generate.rerank import rerank as rerank_images
-from cm3leon.model.io import load_model
+from cm3leon.model.io import WEIGHTS_INDEX_NAME, load_model
 from cm3leon.model.transformer import Transformer
 from cm3leon.retrieval.encoder import load_encoder
 from cm3leon.retrieval.encoder_base import Encoder
@@ -48,6 +50,7 @@ from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
 from cm3leon.sequence.sft_templates import format_box, render_prompt
 from cm3leon.tokenize.image_vq import ImageTokenizer
 from cm3leon.tokenize.text_bpe import TextTokenizer
+from cm3leon.tokenize.text_hf import HFTextTokenizer, load_text_tokenizer
 from cm3leon.vocab import Kind, Vocab
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,7 @@ class CM3Leon:
         self,
         model: Transformer,
         vocab: Vocab,
-        text_tokenizer: TextTokenizer,
+        text_tokenizer: TextTokenizer | HFTextTokenizer,
         image_tokenizer: ImageTokenizer,
         *,
         encoder: Encoder | None = None,
@@ -109,10 +112,9 @@ class CM3Leon:
                 f"image tokenizer makes {image_tokenizer.tokens_per_image} tokens from {image_tokenizer.codebook_size} "
                 f"codes but the vocabulary expects {vocab.image_seq_len} from {vocab.image_size}"
             )
-        if text_tokenizer.vocab_size > vocab.text_size:
-            raise ValueError(
-                f"text tokenizer has {text_tokenizer.vocab_size} ids but the vocabulary only {vocab.text_size}"
-            )
+        n_text = vocab.text_size if vocab.ids is None else vocab.size  # an id table: tokenizer ids are model ids
+        if text_tokenizer.vocab_size > n_text:
+            raise ValueError(f"text tokenizer has {text_tokenizer.vocab_size} ids but the vocabulary only {n_text}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
@@ -137,7 +139,8 @@ class CM3Leon:
         d = Path(model_dir)
         if not d.is_dir():
             raise FileNotFoundError(f"model directory {d} not found")
-        for name in ("config.json", "model.safetensors", "vocab.json", TEXT_TOKENIZER_DIR, IMAGE_TOKENIZER_DIR):
+        weights = WEIGHTS_INDEX_NAME if (d / WEIGHTS_INDEX_NAME).exists() else "model.safetensors"
+        for name in ("config.json", weights, "vocab.json", TEXT_TOKENIZER_DIR, IMAGE_TOKENIZER_DIR):
             if not (d / name).exists():
                 raise FileNotFoundError(
                     f"{d / name} is missing; a model directory needs config.json, model.safetensors, vocab.json, "
@@ -145,7 +148,7 @@ class CM3Leon:
                 )
         vocab = Vocab.from_dict(load_json(d / "vocab.json"))
         model = load_model(d, device=device)
-        text_tok = TextTokenizer.load(d / TEXT_TOKENIZER_DIR)
+        text_tok = load_text_tokenizer(d / TEXT_TOKENIZER_DIR)
         image_tok = ImageTokenizer.from_pretrained(d / IMAGE_TOKENIZER_DIR, map_location=device)
         encoder = load_encoder(d / ENCODER_DIR) if (d / ENCODER_DIR).exists() else None
         reranker = load_encoder(d / RERANKER_DIR) if (d / RERANKER_DIR).exists() else None
@@ -197,12 +200,17 @@ class CM3Leon:
     # ---- tokens ----------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
         """Unified ids of a string (user text can never produce control ids)."""
-        return self.vocab.text_to_ids(self.text_tokenizer.encode(text))
+        ids = self.vocab.text_to_ids(self.text_tokenizer.encode(text))
+        if self.vocab.ids is not None and set(ids) & set(self.vocab.ids.controls):
+            bad = sorted(set(ids) & set(self.vocab.ids.controls))
+            raise ValueError(f"the text {text[:40]!r} encodes to control ids {bad} of this model "
+                             f"({', '.join(self.vocab.token_name(i) for i in bad)}); remove those token names")
+        return ids
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """String of unified text ids (non-text ids are dropped)."""
-        lo, hi = self.vocab.text_offset, self.vocab.image_offset
-        return self.text_tokenizer.decode([i - lo for i in ids if lo <= i < hi])
+        kinds = self.vocab.kinds_tensor(torch.tensor([int(i) for i in ids], dtype=torch.long)).tolist() if ids else []
+        return self.text_tokenizer.decode(self.vocab.ids_to_text([int(i) for i, k in zip(ids, kinds) if k == 1]))
 
     def encode_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """VQ codes Long[B, L] of images (paths or PIL; preprocessing policy of the tokenizer)."""

@@ -1,5 +1,7 @@
 """The decoder's native on-disk format: ``config.json`` (a :class:`ModelConfig`) plus
-``model.safetensors``. Loading is strict: every key must be present with its exact shape.
+``model.safetensors``, or several shards listed by ``model.safetensors.index.json``
+(``{"weight_map": {key: file}}``, as a converted 7B model is written, one shard at a
+time). Loading is strict: every key must be present with its exact shape.
 
 Its weights are written with :func:`cm3leon.safetensors_io.write_safetensors`: whole or
 absent, and a failed write is one line naming the space it needs and the space free.
@@ -17,6 +19,34 @@ from cm3leon.safetensors_io import read_safetensors, reporting_write_errors, wri
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a model directory: ``model.safetensors``, or the shards its index lists."""
+    d = Path(model_dir)
+    if (d / WEIGHTS_NAME).exists() or not (d / WEIGHTS_INDEX_NAME).exists():
+        return [d / WEIGHTS_NAME]
+    index = load_json(d / WEIGHTS_INDEX_NAME)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{d / WEIGHTS_INDEX_NAME} has no weight_map; the file is corrupt, re-convert the model")
+    return [d / name for name in sorted(set(weight_map.values()))]
+
+
+def read_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's weight file(s), on the CPU."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        state.update(read_safetensors(path))
+    return state
+
+
+def write_index(out_dir: str | Path, weight_map: dict[str, str]) -> None:
+    """Write ``model.safetensors.index.json`` naming the shard of every key."""
+    out = Path(out_dir)
+    with reporting_write_errors(f"the weights index ({WEIGHTS_INDEX_NAME})", out, 1 << 20):
+        save_json({"weight_map": dict(sorted(weight_map.items()))}, out / WEIGHTS_INDEX_NAME)
 
 
 def save_model(model: Transformer, out_dir: str | Path) -> Path:
@@ -79,9 +109,9 @@ def load_model(
     ``dtype`` casts floating weights (default: as stored).
     """
     cfg = load_config(model_dir)
-    state = read_safetensors(Path(model_dir) / WEIGHTS_NAME)
+    state = read_weights(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
-    check_state_dict(model.state_dict(), state, source=str(Path(model_dir) / WEIGHTS_NAME))
+    check_state_dict(model.state_dict(), state, source=", ".join(str(p) for p in weight_files(model_dir)))
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
