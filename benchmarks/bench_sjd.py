@@ -5,7 +5,9 @@ directory (the quickstart's ``model_sft``) with its own text-to-image sampling s
 (``generation_config.json``), in one process:
 
 - forward passes per image, sequential vs SJD (model calls of one batch, the prefill
-  included, over the batch's images: every image of a batch is decoded in parallel);
+  included, over the batch's images: every image of a batch is decoded in parallel), and
+  what per-row cache lengths would need (``rowwise_bound``: the most any one prompt of the
+  batch needs alone; the batch keeps the minimum accepted across rows);
 - image tokens/s on one batch of ``--prompts`` prompts with CFG, ``--repeats`` round-robin
   runs, median: sequential, SJD at each ``--windows`` size, and ``transformers``
   ``OPTForCausalLM.generate()`` with its own CFG (``bench_decode.make_hf_generate``) on the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -35,10 +38,12 @@ from pathlib import Path
 
 import torch
 
+import cm3leon.generate.decode as decode_mod
 from cm3leon.data.dataset import Dataset
 from cm3leon.eval.harness import EvalConfig, eval_t2i
 from cm3leon.generate.decode import generate_image_tokens
 from cm3leon.generate.guidance import unconditional_prompt
+from cm3leon.generate.jacobi import jacobi_decode
 from cm3leon.generate.precision import for_decoding
 from cm3leon.model.transformer import Transformer
 from cm3leon.pipeline import CM3Leon
@@ -162,6 +167,23 @@ def main() -> None:
             result[f"{name}_forwards_per_image"] = forwards[name]
     best = max(windows, key=lambda w: tps[f"sjd{w}"])
     window = args.window or best
+    # Per-row cache lengths would let every row advance by its own acceptance: such a batch needs
+    # as many iterations as its slowest row needs alone. Each prompt decoded alone measures that.
+    alone = []
+    for p, u in zip(cond, unc):
+        with CountForwards(fp32) as c:
+            generate_image_tokens(fp32, vocab, [p], cfg, uncond_prompts=[u], jacobi_window=window)
+        alone.append(c.calls)
+    result.update(rowwise_bound_forwards_per_image=max(alone),
+                  single_prompt_forwards_mean=round(statistics.mean(alone), 1))
+    # The paper's initialisation of never-reached drafts (uniform) against ours (the newest p).
+    decode_mod.jacobi_decode = functools.partial(jacobi_decode, unreached="uniform")
+    try:
+        with CountForwards(fp32) as c:
+            ours(fp32, window)()
+        result["sjd_uniform_init_forwards_per_image"] = c.calls
+    finally:
+        decode_mod.jacobi_decode = jacobi_decode
     result.update(
         fastest_window=best, judged_window=window,
         forward_reduction=round(forwards["seq"] / forwards[f"sjd{window}"], 2),
