@@ -123,8 +123,13 @@ class CM3Leon:
         self.encoder = encoder
         self.bank = bank
         self.memory = memory
+        # A prompt is not a bank document, so no bank document can be its copy: with the bank's
+        # content hashes, documents captioned exactly like the prompt are kept ("content" rule;
+        # the paper's rule on data without repeated captions, docs/retrieval.md).
+        rule = "content" if bank is not None and bank.hashes is not None else "score"
         self.retriever = (
-            Retriever(bank, encoder, RetrieverConfig()) if bank is not None and encoder is not None else None
+            Retriever(bank, encoder, RetrieverConfig(duplicates=rule)) if bank is not None and encoder is not None
+            else None
         )
         # What re-ranks generated images: a dedicated encoder if the directory has one (it can
         # be trained for fine-grained matching without changing what the retriever finds).
