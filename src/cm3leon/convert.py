@@ -19,9 +19,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from cm3leon.config import load_json
 from cm3leon.generate.generation_config import GenerationConfig, TaskDecoding
 from cm3leon.generate.logits import SamplingConfig
-from cm3leon.model.chameleon_convert import write_model
+from cm3leon.model.chameleon_convert import model_config_from_hf, write_model
 from cm3leon.tokenize.image_vq_convert import convert_checkpoint, read_config
 from cm3leon.tokenize.text_hf import HFTextTokenizer
 
@@ -65,6 +66,7 @@ def convert_chameleon(hf_dir: str | Path, out_dir: str | Path, *, vqgan_dir: str
     hf, out = Path(hf_dir), Path(out_dir)
     if not hf.is_dir():
         raise FileNotFoundError(f"checkpoint directory {hf} not found")
+    model_config_from_hf(load_json(hf / "config.json"))  # not a Chameleon checkpoint: say so before anything else
     ckpt, yaml = find_vqgan(hf, vqgan_dir)
     if clip_dir is not None:
         from cm3leon.retrieval.encoder import load_encoder
