@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cm3leon.config import atomic_write_text
-from cm3leon.vocab import Vocab
+from cm3leon.vocab import Kind, Vocab
 from cm3leon.workspace import WorkspaceLock, check_replaceable
 
 log = logging.getLogger(__name__)
@@ -551,9 +551,10 @@ def _write_batch(
             continue
         ids = [vocab.eos_id]
         for k, f in enumerate(x for x in fields if x in parts):
-            if k:
-                ids.append(vocab.break_id)
+            kind = Kind.IMAGE if f == "image" else Kind.TEXT
+            ids.extend(vocab.segment_prefix(kind, first=k == 0))  # <break> between segments, or the id table's
             ids.extend(parts[f])
+            ids.extend(vocab.segment_suffix(kind))
         writer.add(ids, source_row=row)
         stats["docs"] += 1
         stats["multimodal" if len(parts) == 2 else f"only_{next(iter(parts))}"] += 1
