@@ -189,16 +189,17 @@ def memory_plan(shape: ModelShape, *, seq_len: int, micro_batch: int, lora: Any 
 
 def memory_table(shape: ModelShape, *, seq_len: int, micro_batch: int, lora: Any, bf16: bool = True,
                  world_size: int = 1, fsdp: bool = False, mark: tuple[str, bool] | None = None) -> str:
-    """A text table (GB per rank) of full SFT vs LoRA, without and with activation checkpointing;
-    ``mark=(mode, checkpointing)`` flags one row with ``*``."""
+    """A text table (GB per rank, MB for models under 1 GB) of full SFT vs LoRA, without and with
+    activation checkpointing; ``mark=(mode, checkpointing)`` flags one row with ``*``."""
     rows = [memory_plan(shape, seq_len=seq_len, micro_batch=micro_batch, lora=lo, activation_checkpointing=ac,
                         bf16=bf16, world_size=world_size, fsdp=fsdp)
             for lo in (None, lora) for ac in (False, True)]
-    lines = [f"{'':24s} {'weights':>8s} {'grads':>8s} {'AdamW':>8s} {'activ.':>8s} {'total':>8s}  trainable"]
+    unit, div = ("GB", GB) if max(p.total for p in rows) >= GB else ("MB", 1e6)
+    lines = [f"{unit:24s} {'weights':>8s} {'grads':>8s} {'AdamW':>8s} {'activ.':>8s} {'total':>8s}  trainable"]
     for p in rows:
         star = "*" if mark == (p.mode, p.activation_checkpointing) else " "
-        lines.append(f"{star}{p.label:23s} {p.weights / GB:8.2f} {p.gradients / GB:8.2f} {p.optimizer / GB:8.2f} "
-                     f"{p.activations / GB:8.2f} {p.total / GB:8.2f}  {p.trainable / 1e6:,.2f}M")
+        lines.append(f"{star}{p.label:23s} {p.weights / div:8.2f} {p.gradients / div:8.2f} {p.optimizer / div:8.2f} "
+                     f"{p.activations / div:8.2f} {p.total / div:8.2f}  {p.trainable / 1e6:,.2f}M")
     return "\n".join(lines)
 
 
@@ -213,7 +214,7 @@ def log_memory_plan(model_config: Any, *, seq_len: int, micro_batch: int, train_
     table = memory_table(shape, seq_len=seq_len, micro_batch=micro_batch, lora=lora or LoraSpec(), bf16=bf16,
                          world_size=world_size, fsdp=fsdp, mark=("lora" if lora else "full",
                                                                  train_cfg.activation_checkpointing))
-    log.info("memory plan per rank (GB; micro-batch %d x %d tokens, %s, %d rank(s)%s; * = this run; "
+    log.info("memory plan per rank (micro-batch %d x %d tokens, %s, %d rank(s)%s; * = this run; "
              "docs/sft.md#memory-plan):\n%s", micro_batch, seq_len, "bf16" if bf16 else "fp32", world_size,
              ", FSDP2" if fsdp else "", table)
     return table
