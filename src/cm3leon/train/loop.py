@@ -195,8 +195,8 @@ def unigram_entropy(data: Any, vocab: Vocab, n_samples: int) -> dict[str, float]
         t = t[t != IGNORE_INDEX]
         counts += torch.bincount(t, minlength=vocab.size).double()
     out = {}
-    for name, lo, hi in (("text", vocab.text_offset, vocab.image_offset), ("image", vocab.image_offset, vocab.size)):
-        c = counts[lo:hi]
+    for name, ids in (("text", vocab.text_mask(with_terminators=False)), ("image", vocab.image_mask())):
+        c = counts[ids]  # masks, not ranges: a converted model's image ids are a table
         if c.sum() > 0:
             p = c[c > 0] / c.sum()
             out[f"{name}_unigram_entropy"] = float(-(p * p.log()).sum())
