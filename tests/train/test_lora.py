@@ -236,3 +236,19 @@ def test_lora_run_trains_adapters_resumes_exactly_and_merges(tmp_path):
     assert val["loss"] == pytest.approx(res.val["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="not empty"):
         merge_adapter(res.model_dir, tmp_path / "merged")
+
+
+def test_merge_on_the_chameleon_block_equals_base_plus_adapters():
+    cfg = _chameleon_config()
+    torch.manual_seed(0)
+    base = Transformer(cfg)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    spec = LoraSpec(r=2, alpha=4, targets=("all-linear",))
+    model = attach_lora(base, spec)
+    _randomize_adapters(model)
+    ids = torch.stack([SynthData()[i]["ids"] for i in range(2)])
+    with torch.no_grad():
+        want = model.eval()(ids)
+        plain = Transformer(cfg)
+        plain.load_state_dict(merged_state(base_state, adapter_file_state(model.state_dict()), spec.scale))
+        torch.testing.assert_close(plain.eval()(ids), want, rtol=1e-4, atol=1e-5)
