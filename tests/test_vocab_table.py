@@ -39,6 +39,8 @@ def test_kinds_masks_and_codes():
     assert V.kinds_tensor(torch.tensor([0, 20, 9])).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="infill"):
         _ = V.infill_id
+    with pytest.raises(ValueError, match="no <mask> sentinels"):
+        V.mask_id(0)
     with pytest.raises(ValueError, match="one range"):
         _ = V.image_offset
 

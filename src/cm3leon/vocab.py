@@ -165,6 +165,8 @@ class Vocab:
 
     def mask_id(self, i: int = 0) -> int:
         """Id of sentinel ``<mask:i>``; ``<mask:0>`` is the paper's ``<mask>``."""
+        if self.ids is not None and not self.ids.masks:
+            raise ValueError("this model's vocabulary has no <mask> sentinels (it was not trained with CM3 infilling)")
         if not 0 <= i < self.n_masks:
             raise ValueError(f"mask index {i} out of range [0, {self.n_masks}); raise Vocab.n_masks")
         return 4 + i if self.ids is None else self.ids.masks[i]
