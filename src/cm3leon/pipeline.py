@@ -149,7 +149,8 @@ class CM3Leon:
             if not (d / name).exists():
                 raise FileNotFoundError(
                     f"{d / name} is missing; a model directory needs config.json, model.safetensors, vocab.json, "
-                    f"{TEXT_TOKENIZER_DIR}/ and {IMAGE_TOKENIZER_DIR}/ (see `cm3leon quickstart` for how one is made)"
+                    f"{TEXT_TOKENIZER_DIR}/ and {IMAGE_TOKENIZER_DIR}/; build one from trained parts with `cm3leon "
+                    "model assemble`, or train one with `cm3leon quickstart --data DIR` (docs/own-data.md)"
                 )
         vocab = Vocab.from_dict(load_json(d / "vocab.json"))
         model = load_model(d, device=device)
