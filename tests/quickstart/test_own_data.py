@@ -71,7 +71,7 @@ def test_every_stage_runs_and_the_report_has_every_metric(run):
     assert plan.startswith("plan (own-data-smoke): 100 good records of folder data")
     assert "estimated seconds per stage" in plan and "held out 20" in plan
     on_disk = json.loads((out / "report.json").read_text())
-    assert {"data", "text_tokenizer", "image_tokenizer", "encoder", "index", "shards", "pretrain", "sft_shards",
+    assert {"data", "plan", "text_tokenizer", "image_tokenizer", "encoder", "index", "shards", "pretrain", "sft_shards",
             "sft", "model", "eval"} == set(on_disk["stage_seconds"])
     metrics = {(r["task"], r["metric"]): r["value"] for r in on_disk["metrics"]}
     assert {("t2i", "fd_encoder"), ("t2i", "clip_score"), ("t2i", "clip_score_real"), ("caption", "cider"),

@@ -64,8 +64,8 @@ MEASURED = {
     "encoder_step_32": 0.19,  # in-house dual encoder, batch 256, 32 px
     "pretrain_tokens_per_s_small": 17_800,  # the 4-layer d 128 decoder
     "sft_tokens_per_s_small": 15_000,
-    "image_per_s_small": 40.0,  # text-to-image samples (64 tokens, CFG), batched
-    "caption_per_s_small": 60.0,
+    "image_per_s_small": 150.0,  # text-to-image samples (64 tokens, CFG), batched
+    "caption_per_s_small": 100.0,
     "record_per_s": 400.0,  # reading + resizing + tokenizing + retrieving one record, all stages
 }
 
@@ -125,6 +125,12 @@ class OwnDataPlan:
     seed: int = 0
     estimates: dict[str, float] = field(default_factory=dict)  # seconds per stage (not a stage input)
     budget: str = ""  # how the training steps were chosen, for the printed plan
+    slowdown: float = 1.0  # this machine at plan time vs the MEASURED constants (probe_slowdown)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OwnDataPlan:
+        """The plan :func:`dataclasses.asdict` wrote (the ``plan`` stage's result)."""
+        return cls(**{**d, "source": Source(**d["source"]), "eval": UserEvalConfig(**d["eval"])})
 
     def pretrain_run(self, workspace: Path, device: str) -> RunConfig:
         """The pretraining run: recipe ``pretrain`` resized to this plan, in ``workspace``."""
@@ -203,9 +209,11 @@ class PlanRequest:
             raise ValueError(f"--tokens must be >= 1, got {self.tokens}")
 
 
-def make_plan(req: PlanRequest, n_train: int, n_val: int, caption_chars: int) -> OwnDataPlan:
+def make_plan(req: PlanRequest, n_train: int, n_val: int, caption_chars: int, *,
+              slowdown: float = 1.0) -> OwnDataPlan:
     """The plan for ``n_train`` / ``n_val`` records whose captions have up to ``caption_chars``
-    characters (95th percentile): sizes from ``req.image_size``, training steps from the budget."""
+    characters (95th percentile): sizes from ``req.image_size``, training steps from the budget.
+    Time estimates are the :data:`MEASURED` constants times ``slowdown`` (:func:`probe_slowdown`)."""
     from cm3leon.tokenize.image_vq import VQConfig
     from cm3leon.tokenize.image_vq_train import TRAIN_PRESETS
 
@@ -230,11 +238,12 @@ def make_plan(req: PlanRequest, n_train: int, n_val: int, caption_chars: int) ->
     if req.smoke:
         sft_batch = 4
     slow = 4.0 if big else 1.0  # the wider decoder: ~4x the parameters (scaled, not measured)
-    pre_tps = MEASURED["pretrain_tokens_per_s_small"] / slow
-    sft_tps = MEASURED["sft_tokens_per_s_small"] / slow
+    pre_tps = MEASURED["pretrain_tokens_per_s_small"] / slow / slowdown
+    sft_tps = MEASURED["sft_tokens_per_s_small"] / slow / slowdown
     scale_px = (size / 32) ** 2
     vq_base = TRAIN_PRESETS[vq_preset]
-    vq_steps = 12 if req.smoke else max(600, min(vq_base.steps // 2, 1200))
+    # a VQ-GAN step sees 8 images: about 3 passes over the data, 400 steps at least
+    vq_steps = 12 if req.smoke else max(400, min(3 * n_train // 8, vq_base.steps // 2))
     vq_step_s = MEASURED["vq_step_64"] * (size / 64) ** 2 if size >= 64 else MEASURED["vq_step_32"]
     enc_steps = 5 if req.smoke else 120
     n_eval = min(n_val, 4 if req.smoke else 100)
@@ -244,16 +253,17 @@ def make_plan(req: PlanRequest, n_train: int, n_val: int, caption_chars: int) ->
     n_all = n_train + n_val
     est = {
         "data": n_all / MEASURED["record_per_s"] * 0.3 * scale_px,
-        "text_tokenizer": 2.0,
+        "text_tokenizer": 0.5,
         "image_tokenizer": vq_steps * vq_step_s,
         "encoder": 10.0 if req.clip else enc_steps * MEASURED["encoder_step_32"] * scale_px,
         "index": n_train / MEASURED["record_per_s"] * 0.2 * scale_px,
         "shards": n_all / MEASURED["record_per_s"] * 0.5 * scale_px,
         "sft_shards": n_all / MEASURED["record_per_s"] * 0.5 * scale_px,
-        "model": 2.0,
+        "model": 1.0,
         "eval": (ev.n * samples * tokens_per_image / 64 / MEASURED["image_per_s_small"]
-                 + ev.caption_n / MEASURED["caption_per_s_small"]) * slow + 10,
+                 + ev.caption_n / MEASURED["caption_per_s_small"]) * slow + 5,
     }
+    est = {k: v * slowdown for k, v in est.items()}
     if req.tokens is not None:
         pre_steps = max(1, math.ceil(req.tokens / (pre_batch * seq_len)))
         sft_steps = max(1, pre_steps // 5)
@@ -282,8 +292,45 @@ def make_plan(req: PlanRequest, n_train: int, n_val: int, caption_chars: int) ->
         pretrain_batch=pre_batch, seq_len=seq_len, n_retrieved=n_retrieved, duplicates="content",
         model_overrides=model_over,
         sft=sft_recipe, sft_steps=sft_steps, sft_batch=sft_batch, sft_seq_len=sft_seq, eval=ev, seed=req.seed,
-        estimates=est, budget=budget,
+        estimates=est, budget=budget, slowdown=slowdown,
     )
+
+
+def probe_slowdown(*, batch: int = 4, seq_len: int = 256, steps: int = 6) -> float:
+    """How many times slower than :data:`MEASURED` this machine trains the small decoder right
+    now (a few AdamW steps on random tokens; > 1 on a machine shared with other jobs)."""
+    from cm3leon.config import ModelConfig
+    from cm3leon.model.transformer import Transformer
+    from cm3leon.train.recipes import _QUICKSTART_MODEL
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("shapes", vocab_size=1100,
+                                              **{**_QUICKSTART_MODEL, "max_seq_len": seq_len, "image_axial": False,
+                                                 "image_tokens": 0, "image_vocab": 0}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 1100, (batch, seq_len))
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    tokens_per_s = batch * seq_len / float(np.median(times[2:]))
+    return max(1.0, MEASURED["pretrain_tokens_per_s_small"] / tokens_per_s)
+
+
+def _stage_plan(req: PlanRequest, data: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    """The plan as a stage: made once (a time budget is calibrated on this machine first) and
+    reused by every rerun, so that a resumed run keeps its step counts."""
+    def fn(d: Path) -> dict[str, Any]:
+        timed = req.tokens is None and not req.smoke
+        slowdown = probe_slowdown() if timed else 1.0
+        p = make_plan(req, data["n_train"], data["n_val"], data["caption_chars_p95"], slowdown=slowdown)
+        return {"plan": dataclasses.asdict(p)}
+
+    return fn
 
 
 STAGE_ORDER = ("data", "text_tokenizer", "image_tokenizer", "encoder", "index", "shards", "pretrain", "sft_shards",
@@ -307,7 +354,9 @@ def format_plan(p: OwnDataPlan, data: dict[str, Any]) -> str:
         f"SFT (captioning + text-to-image) {p.sft_steps} steps x {p.sft_batch}",
         f"  budget: {p.budget}",
         f"  evaluation: {p.eval.n} held-out captions x {p.eval.samples} samples, {p.eval.caption_n} captions",
-        "  estimated seconds per stage (from throughput measured on a 2-core CPU; 128 / 256 px scaled):",
+        "  estimated seconds per stage (throughput measured on an idle 2-core CPU"
+        + (f", x {p.slowdown:.1f}: this machine is that much slower now" if p.slowdown > 1 else "")
+        + "; 128 / 256 px scaled):",
         "    " + ", ".join(f"{k} {p.estimates[k]:.0f}" for k in STAGE_ORDER if k in p.estimates)
         + f"; total {sum(p.estimates.values()) / 60:.1f} min",
     ]
@@ -561,7 +610,9 @@ def _run(out: Path, req: PlanRequest, *, device: str, force: bool, echo: Callabl
     st = Stages(out, req, device=device, force=force)
     data = st.run("data", _stage_data(req), ("source", "image_size"),
                   inputs={"held_out": [VAL_FRACTION, VAL_MIN, VAL_MAX, 0.2]})
-    p = make_plan(req, data["n_train"], data["n_val"], data["caption_chars_p95"])
+    planned = st.run("plan", _stage_plan(req, data), ("image_size", "clip", "minutes", "tokens", "seed", "smoke",
+                                                       "inception"), after=("data",))
+    p = OwnDataPlan.from_dict(planned["plan"])
     echo(format_plan(p, data))
     st.preset = p
     text = st.run("text_tokenizer", _stage_text_tokenizer(p, data), ("text_vocab",), after=("data",))
