@@ -87,3 +87,40 @@ def test_the_run_logs_its_plan(caplog):
         table = log_memory_plan(cfg, seq_len=64, micro_batch=2, train_cfg=TrainConfig(), world_size=1,
                                 lora=LoraSpec(r=4))
     assert "memory plan per rank" in caplog.text and "*LoRA " in table and "fp32" in caplog.text
+
+
+def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward + loss (parameters excluded)."""
+    from cm3leon.train.loop import lm_loss_sum
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm_loss_sum(model(ids), ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("family", ["cm3leon", "chameleon"])
+@pytest.mark.parametrize("targets", [None, ("attn",), ("all-linear",)])
+def test_saved_activations_are_what_autograd_saves(family, targets):
+    kw = dict(vocab_size=2048, d_model=128, n_layers=2, n_heads=4, max_seq_len=256)
+    if family == "chameleon":
+        if "family" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            pytest.skip("this ModelConfig has no chameleon family")
+        kw.update(family="chameleon", activation="silu", d_ff=352)
+    cfg = ModelConfig(**kw)
+    spec = LoraSpec(r=8, targets=targets) if targets else None
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    if spec:
+        attach_lora(model, spec)
+    got = _saved_bytes(model, torch.randint(0, 2048, (2, 128)))
+    plan = memory_plan(ModelShape.from_config(cfg), seq_len=128, micro_batch=2, lora=spec, bf16=False)
+    assert plan.saved == pytest.approx(got, rel=0.03)
