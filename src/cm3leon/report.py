@@ -344,7 +344,7 @@ def write_own_data_report(out: Path, *, plan: Any, data: dict[str, Any], generat
     skipped = data.get("skipped", {})
     bad = (", ".join(f"{html.escape(k)}: {v}" for k, v in skipped.items()) if skipped else "none")
     stage_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td class='num'>{est.get(k, float('nan')):.0f}</td>"
+        f"<tr><td>{html.escape(k)}</td><td class='num'>{f'{est[k]:.0f}' if k in est else '-'}</td>"
         f"<td class='num'>{v:.1f}</td></tr>" for k, v in timings.items())
     curves = [(n, _rel(out, str(Path(results[n]["dir"]) / "loss.png"))) for n in ("pretrain", "sft")
               if n in results and (Path(results[n]["dir"]) / "loss.png").exists()]
