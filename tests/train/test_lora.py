@@ -252,3 +252,33 @@ def test_merge_on_the_chameleon_block_equals_base_plus_adapters():
         plain = Transformer(cfg)
         plain.load_state_dict(merged_state(base_state, adapter_file_state(model.state_dict()), spec.scale))
         torch.testing.assert_close(plain.eval()(ids), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sharded_bf16_base_trains_and_merges_shard_by_shard(tmp_path):
+    from cm3leon.model.io import WEIGHTS_INDEX_NAME, write_index
+    from cm3leon.safetensors_io import write_safetensors
+
+    single = _base_dir(tmp_path)
+    state = {k: v.to(torch.bfloat16) for k, v in read_safetensors(single / "model.safetensors").items()}
+    write_safetensors(state, single / "model.safetensors", what="test weights")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f in ("config.json", "vocab.json"):
+        (sharded / f).write_bytes((single / f).read_bytes())
+    names = sorted(state)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in parts.items():
+        write_safetensors({k: state[k] for k in keys}, sharded / file, what="test shard")
+    write_index(sharded, {k: file for file, keys in parts.items() for k in keys})
+
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=0, log_every=1, ckpt_every=0, eval_batches=1,
+                      unigram_samples=4)
+    res = train(tiny_model_config(), cfg, SynthData(n=8), tmp_path / "run", vocab=VOCAB, init_from=sharded,
+                progress=False, lora=LoraSpec(r=2, targets=("attn", "mlp")))
+    a = merge_adapter(res.model_dir, tmp_path / "from-shards")
+    b = merge_adapter(res.model_dir, tmp_path / "from-one-file", base_dir=single)
+    assert sorted(p.name for p in a.iterdir()) == sorted([*parts, WEIGHTS_INDEX_NAME, "config.json", "vocab.json"])
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in sa.values())
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc1.weight"])

@@ -127,9 +127,11 @@ def _run_train(args: argparse.Namespace) -> int:
         base = args.base or (Path(run.init_from) if run.init_from else None)
         if base is None:
             raise ValueError("cm3leon sft needs --base DIR (a pretrained model directory)")
-        if not (base / "model.safetensors").exists():
+        from cm3leon.model.io import weight_files
+
+        if not all(f.exists() for f in weight_files(base)):
             raise FileNotFoundError(f"--base {base} holds no model.safetensors; point it at a finished `cm3leon "
-                                    "train` --out directory")
+                                    "train` --out directory or a converted model")
     elif run.init_from:
         base = Path(run.init_from)
     from cm3leon.train.loop import NonFiniteLossError

@@ -532,9 +532,8 @@ class _Trainer:
         return T
 
     def run(self, *, resume: bool, init_from: Any, until_step: int | None, progress: bool) -> TrainResult:
-        from cm3leon.model.io import check_state_dict, load_config
+        from cm3leon.model.io import check_state_dict, load_config, read_weights, weight_files
         from cm3leon.model.transformer import Transformer
-        from cm3leon.safetensors_io import read_safetensors
 
         cfg, ctx, out = self.cfg, self.ctx, self.out
         self.init_from = init_from
@@ -545,7 +544,11 @@ class _Trainer:
         seq_len = self._seq_len()
         plan = cfg.batch_plan(seq_len, ctx.world_size)
         seed_everything(cfg.seed)
-        model = Transformer(self.model_cfg)
+        # A LoRA base is built on the meta device and takes the stored tensors as they are: no
+        # random init and no float32 copy of a bf16 7B base (attach_lora casts it once).
+        lora_base = self.lora is not None and init_from is not None
+        with torch.device("meta") if lora_base else contextlib.nullcontext():
+            model = Transformer(self.model_cfg)
         expected = model.state_dict()
         ckpt = None
         if latest is not None:
@@ -559,9 +562,9 @@ class _Trainer:
                 raise ValueError(
                     f"--base {init_from} holds a {base} model but the run config asks for {self.model_cfg}"
                 )
-            weights = read_safetensors(Path(init_from) / "model.safetensors")
-            check_state_dict(expected, weights, source=str(Path(init_from) / "model.safetensors"))
-            model.load_state_dict(weights, strict=True)
+            weights = read_weights(init_from)
+            check_state_dict(expected, weights, source=", ".join(map(str, weight_files(init_from))))
+            model.load_state_dict(weights, strict=True, assign=lora_base)
         if self.lora is not None:
             from cm3leon.train.lora import attach_lora_for_run
 

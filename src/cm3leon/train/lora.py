@@ -37,7 +37,7 @@ from cm3leon.config import (
     number_problem,
     save_json,
 )
-from cm3leon.safetensors_io import read_safetensors, reporting_write_errors, tensor_bytes, write_safetensors
+from cm3leon.safetensors_io import read_safetensors, reporting_write_errors, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ _RUN_FILES = {"model.safetensors", "checkpoints", "metrics.jsonl", "loss.png", "
 @dataclass(frozen=True)
 class LoraSpec:
     """Rank ``r``, scale ``alpha / r``, target Linear names or groups, dropout on the adapter input,
-    and the frozen base's dtype (``auto``: bf16 when the run trains in bf16, else as loaded)."""
+    and the frozen base's dtype (``auto``: bf16 when the run trains in bf16, else float32)."""
 
     r: int = 16
     alpha: float = 32.0
@@ -180,14 +180,14 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | list[str]) -> t
 
 # ---- attaching adapters -------------------------------------------------------------------
 
-def resolve_base_dtype(spec: LoraSpec, bf16_training: bool) -> torch.dtype | None:
-    """The frozen base's dtype (None: keep it as loaded); bf16 needs a bf16 (autocast) run."""
+def resolve_base_dtype(spec: LoraSpec, bf16_training: bool) -> torch.dtype:
+    """The frozen base's dtype: bf16 in a bf16 (autocast) run unless ``base=fp32``, else float32."""
     if spec.base_dtype == "bf16" and not bf16_training:
         raise ValueError("LoRA base=bf16 needs bf16 training: set train.precision=bf16 (--override precision=bf16) "
                          "or drop base=bf16")
     if spec.base_dtype == "bf16" or (spec.base_dtype == "auto" and bf16_training):
         return torch.bfloat16
-    return None
+    return torch.float32
 
 
 def attach_lora(model: nn.Module, spec: LoraSpec, *, base_dtype: torch.dtype | None = None) -> nn.Module:
@@ -295,14 +295,22 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoraSpec, tuple[str, ...], di
 
 # ---- merging ----------------------------------------------------------------------------
 
-def merged_state(base: dict[str, Tensor], adapter: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+def adapted_modules(adapter: dict[str, Tensor]) -> list[str]:
+    """The module names an adapter file adapts (``blocks.0.attn.qkv``...)."""
+    return sorted({k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for k in adapter})
+
+
+def merged_state(base: dict[str, Tensor], adapter: dict[str, Tensor], scale: float, *,
+                 partial: bool = False) -> dict[str, Tensor]:
     """``base`` with each adapted weight W replaced by ``W + scale * B @ A`` (computed in float32,
-    stored in W's dtype). ``adapter`` holds peft file names; every pair must match a base weight."""
+    stored in W's dtype). ``adapter`` holds peft file names; every pair must match a base weight
+    (``partial``: base is one shard of the weights, and adapters of weights it lacks are skipped)."""
     out = dict(base)
-    modules = sorted({k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for k in adapter})
-    for m in modules:
+    for m in adapted_modules(adapter):
         a, b = adapter.get(f"{PEFT_PREFIX}{m}.lora_A.weight"), adapter.get(f"{PEFT_PREFIX}{m}.lora_B.weight")
         w = base.get(f"{m}.weight")
+        if w is None and partial:
+            continue
         if a is None or b is None or w is None:
             raise ValueError(f"adapter for {m!r} is incomplete or names no base weight {m}.weight")
         if (b.shape[0], a.shape[1]) != tuple(w.shape) or b.shape[1] != a.shape[0]:
@@ -314,28 +322,42 @@ def merged_state(base: dict[str, Tensor], adapter: dict[str, Tensor], scale: flo
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base_dir: str | Path | None = None) -> Path:
     """Write a model directory with the adapter merged into the base weights: a copy of the base
-    directory (tokenizers, vocab, generation defaults...; not its training-run files) whose
-    model.safetensors holds ``W + alpha / r * B @ A``. ``base_dir`` defaults to the adapter's
-    ``base_model_name_or_path``. The directory appears whole (temp + rename) or not at all."""
+    directory (tokenizers, vocab, generation defaults, weights index...; not its training-run
+    files) whose weight file(s) hold ``W + alpha / r * B @ A``, one shard in memory at a time.
+    ``base_dir`` defaults to the adapter's ``base_model_name_or_path``. The directory appears
+    whole (temp + rename) or not at all."""
+    from cm3leon.model.io import weight_files
+
     spec, _, adapter, cfg = read_adapter(adapter_dir)
     base = Path(base_dir or cfg.get("base_model_name_or_path") or "")
-    if not (base / "model.safetensors").exists():
+    files = weight_files(base) if base.is_dir() else []
+    if not files or not all(f.exists() for f in files):
         raise FileNotFoundError(f"the base model {base} holds no model.safetensors; give the base with --base DIR")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} already exists and is not empty; choose a new directory for the merged model")
-    state = merged_state(read_safetensors(base / "model.safetensors"), adapter, spec.scale)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    skip = _RUN_FILES | {f.name for f in files}
     try:
-        with reporting_write_errors(f"the merged model {out.name}", out.parent, tensor_bytes(state.values())):
+        with reporting_write_errors(f"the merged model {out.name}", out.parent, sum(f.stat().st_size for f in files)):
             tmp.mkdir()
             for p in base.iterdir():
-                if p.name in _RUN_FILES or p.name.startswith("."):
+                if p.name in skip or p.name.startswith("."):
                     continue
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        write_safetensors(state, tmp / "model.safetensors", what="the merged model weights (model.safetensors)",
-                          metadata={"format": "pt", "producer": "cm3leon"})
+        done: set[str] = set()
+        for f in files:
+            shard = read_safetensors(f)
+            done |= {m for m in adapted_modules(adapter) if f"{m}.weight" in shard}
+            write_safetensors(merged_state(shard, adapter, spec.scale, partial=True), tmp / f.name,
+                              what=f"the merged model weights ({f.name})",
+                              metadata={"format": "pt", "producer": "cm3leon"})
+            del shard
+        missing = sorted(set(adapted_modules(adapter)) - done)
+        if missing:
+            raise ValueError(f"the adapter names weights the base {base} does not have ({missing[:4]}); "
+                             "was it trained on another base?")
         if out.exists():
             out.rmdir()
         tmp.rename(out)
