@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -301,12 +302,11 @@ def probe_slowdown(*, batch: int = 4, seq_len: int = 256, steps: int = 6) -> flo
     now (a few AdamW steps on random tokens; > 1 on a machine shared with other jobs)."""
     from cm3leon.config import ModelConfig
     from cm3leon.model.transformer import Transformer
-    from cm3leon.train.recipes import _QUICKSTART_MODEL
 
+    run = get_recipe("quickstart")
+    over = {**run.model_overrides, "max_seq_len": seq_len, "image_axial": False, "image_tokens": 0, "image_vocab": 0}
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("shapes", vocab_size=1100,
-                                              **{**_QUICKSTART_MODEL, "max_seq_len": seq_len, "image_axial": False,
-                                                 "image_tokens": 0, "image_vocab": 0}))
+    model = Transformer(ModelConfig.from_name(run.model, vocab_size=1100, **over))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 1100, (batch, seq_len))
     times = []
@@ -346,7 +346,8 @@ def format_plan(p: OwnDataPlan, data: dict[str, Any]) -> str:
            if skipped else ""),
         f"  held out {p.n_val} (5 %, at least {VAL_MIN}, at most {VAL_MAX}, at most a fifth); training on {p.n_train}",
         f"  images {p.image_size} px -> image tokenizer {p.vq_preset} ({p.vq_steps} steps)",
-        f"  retrieval encoder: {('CLIP from ' + p.clip) if p.clip else f'in-house, {p.encoder_steps} steps'}",
+        f"  retrieval encoder: {('CLIP from ' + p.clip) if p.clip else f'in-house, {p.encoder_steps} steps'}; "
+        f"{p.n_retrieved} + {p.n_retrieved} neighbours by text and image, exact duplicate captions: {p.duplicates}",
         f"  decoder: recipe {p.pretrain} {json.dumps(p.model_overrides)}, {p.n_retrieved} retrieved documents, "
         f"sequences of {p.seq_len} tokens",
         f"  pretraining {p.pretrain_steps} steps x {p.pretrain_batch} "
@@ -400,8 +401,6 @@ def _stage_data(req: PlanRequest) -> Callable[[Path], dict[str, Any]]:
         write_dataset(d / "train", (everything[i] for i in range(n) if i not in val_rows), overwrite=True)
         write_dataset(d / "val", (everything[i] for i in sorted(val_rows)), overwrite=True)
         chars = sorted(len(r.text or "") for r in Dataset(d / "all", columns=["id", "text"]))
-        import shutil
-
         shutil.rmtree(d / "all")
         return {"train": str(d / "train"), "val": str(d / "val"), "n_good": n, "n_train": n - n_val, "n_val": n_val,
                 "skipped": skipped, "caption_chars_p95": chars[min(len(chars) - 1, int(0.95 * len(chars)))]}
