@@ -57,14 +57,16 @@ DEFAULT_MINUTES = 15.0
 
 # Seconds per step (or per item) measured on this project's 2-core CPU machine (no GPU) with
 # one training process: the Shapes `default` quickstart of docs/results.md (2026-12-02) and the
-# own-data digits run. Sizes not measured (128 / 256 px) are scaled from these by pixels or
-# parameters, and the plan says "scaled".
+# own-data digits runs (their times divided by the slowdown their plan probed). Sizes not
+# measured (128 / 256 px) are scaled from these by pixels or parameters, and the plan says
+# "scaled".
 MEASURED = {
     "vq_step_32": 0.059,  # shapes-32 VQ-GAN, batch 8
-    "vq_step_64": 0.19,  # shapes-64 VQ-GAN, batch 8
+    "vq_step_64": 0.3,  # shapes-64 VQ-GAN, batch 8 (docs/tokenizers.md: 1200 steps in ~6 CPU minutes)
     "encoder_step_32": 0.19,  # in-house dual encoder, batch 256, 32 px
-    "pretrain_tokens_per_s_small": 17_800,  # the 4-layer d 128 decoder
-    "sft_tokens_per_s_small": 15_000,
+    "encoder_step_64": 0.55,  # the same at 64 px (the 64 px digits run, divided by its probed slowdown)
+    "pretrain_tokens_per_s_small": 17_800,  # the 4-layer d 128 decoder: 3400 steps of 4 x 320 in 244 s
+    "sft_tokens_per_s_small": 19_000,  # 480 SFT steps of 16 x 320 tokens in 129 s
     "image_per_s_small": 150.0,  # text-to-image samples (64 tokens, CFG), batched
     "caption_per_s_small": 100.0,
     "record_per_s": 400.0,  # reading + resizing + tokenizing + retrieving one record, all stages
@@ -256,7 +258,8 @@ def make_plan(req: PlanRequest, n_train: int, n_val: int, caption_chars: int, *,
         "data": n_all / MEASURED["record_per_s"] * 0.3 * scale_px,
         "text_tokenizer": 0.5,
         "image_tokenizer": vq_steps * vq_step_s,
-        "encoder": 10.0 if req.clip else enc_steps * MEASURED["encoder_step_32"] * scale_px,
+        "encoder": 10.0 if req.clip else enc_steps * (MEASURED["encoder_step_32"] if size < 64 else
+                                                       MEASURED["encoder_step_64"] * scale_px / 4),
         "index": n_train / MEASURED["record_per_s"] * 0.2 * scale_px,
         "shards": n_all / MEASURED["record_per_s"] * 0.5 * scale_px,
         "sft_shards": n_all / MEASURED["record_per_s"] * 0.5 * scale_px,
