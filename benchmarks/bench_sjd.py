@@ -1,8 +1,9 @@
 """Speculative Jacobi decoding (SJD) and lower precision on a TRAINED model: forwards, speed, judged quality.
 
 Acceptance depends on the model's real distribution, so this runs on a trained model
-directory (the quickstart's ``model_sft``) with its own text-to-image sampling settings
-(``generation_config.json``), in one process:
+directory (the quickstart's ``model_pretrained``, the model its text-to-image evaluation
+and ablations use) with its own text-to-image sampling settings (``generation_config.json``),
+in one process:
 
 - forward passes per image, sequential vs SJD (model calls of one batch, the prefill
   included, over the batch's images: every image of a batch is decoded in parallel), and
@@ -20,7 +21,7 @@ directory (the quickstart's ``model_sft``) with its own text-to-image sampling s
 
 Prints ONE JSON line. Example (after ``cm3leon quickstart --out runs/qs --preset default``)::
 
-    python benchmarks/bench_sjd.py --model runs/qs/model_sft --data runs/qs/data/val
+    python benchmarks/bench_sjd.py --model runs/qs/model_pretrained --data runs/qs/data/val --samples 16
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def judge_rate(pipe: CM3Leon, records: list, window: int, samples: int, seed: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a trained model directory (the quickstart's model_sft)")
+    ap.add_argument("--model", required=True, help="a trained model directory (the quickstart's model_pretrained)")
     ap.add_argument("--data", required=True, help="held-out Shapes records (the quickstart's data/val)")
     ap.add_argument("--windows", default="4,8,16,32", help="SJD window sizes to time")
     ap.add_argument("--window", type=int, default=None, help="window of the judged SJD runs (default: fastest)")
