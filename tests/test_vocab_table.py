@@ -77,4 +77,4 @@ def test_prompts_are_causal_with_images_first():
     assert all(V.kind(i) is Kind.TEXT for i in ids[7:])
     r = render_training("caption", {"image": [0, 1, 2, 3], "caption": "a bb"}, Words(), V, variant=1)
     s, e = r.target
-    assert r.ids[:7] == [0, 13, 9, 4, 11, 6, 12] and r.ids[s:e] == [15, 16] and e == len(r.ids)
+    assert r.ids[:7] == [0, 13, 9, 4, 11, 6, 12] and r.ids[s:e] == [15, 16] and r.ids[e:] == [2]  # then </s>

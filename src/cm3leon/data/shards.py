@@ -429,6 +429,19 @@ def vocab_for(text_tok: TextEncoder, image_tok: ImageEncoder, *, n_masks: int = 
     )
 
 
+def check_vocab_fits(vocab: Vocab, text_tok: TextEncoder, image_tok: ImageEncoder) -> Vocab:
+    """``vocab`` (a model's ``vocab.json``) if the tokenizers' ids fit it; one error naming the mismatch."""
+    got = (int(image_tok.codebook_size), int(image_tok.tokens_per_image))
+    if got != (vocab.image_size, vocab.image_seq_len):
+        raise ValueError(f"the image tokenizer has {got[0]} codes and {got[1]} tokens per image but the model's "
+                         f"vocabulary {vocab.image_size} and {vocab.image_seq_len}; use the model's image tokenizer")
+    limit = vocab.size if vocab.ids is not None else vocab.text_size
+    if int(text_tok.vocab_size) > limit:
+        raise ValueError(f"the text tokenizer has {int(text_tok.vocab_size)} ids but the model's vocabulary has room "
+                         f"for {limit}; use the model's own text tokenizer")
+    return vocab
+
+
 def encode_images(image_tok: ImageEncoder, images: list[Any]) -> list[list[int]]:
     """VQ codes of a batch of PIL images (one batched ``encode`` call, no grad)."""
     import torch
@@ -456,6 +469,7 @@ def tokenize_dataset(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     limit: int | None = None,
+    vocab: Vocab | None = None,
 ) -> Shards:
     """Tokenize every record of a dataset into shards; returns the opened :class:`Shards`.
 
@@ -467,7 +481,8 @@ def tokenize_dataset(
     in ``source_rows.npy`` (dataset row = position in the source, bad rows included, so
     it matches the retrieval stage's row numbering of a dataset directory). ``overwrite``
     replaces existing shards, never a directory holding other files; the writer holds
-    ``out_dir``'s lock while it works (see :class:`ShardWriter`).
+    ``out_dir``'s lock while it works (see :class:`ShardWriter`). ``vocab`` is a model's own
+    vocabulary (a converted model's id table); default: the tokenizers' contiguous layout.
     """
     from cm3leon.data.sources import open_source
 
@@ -476,7 +491,8 @@ def tokenize_dataset(
         raise ValueError(f"fields must be a non-empty ordered subset of {FIELDS} without repeats, got {list(fields)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    vocab = vocab_for(text_tok, image_tok, n_masks=n_masks)
+    vocab = vocab_for(text_tok, image_tok, n_masks=n_masks) if vocab is None else check_vocab_fits(
+        vocab, text_tok, image_tok)
     source = open_source(data_dir, limit=limit)
     stats: Counter[str] = Counter()
     writer = ShardWriter(out_dir, vocab, overwrite=overwrite)

@@ -36,6 +36,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from cm3leon.sequence.document import split_documents
 from cm3leon.vocab import Kind, Vocab
 
@@ -89,7 +91,13 @@ def sample_poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
-def _check_document(ids: Sequence[int], vocab: Vocab) -> None:
+def check_document(ids: Sequence[int], vocab: Vocab) -> None:
+    """Raise unless ``ids`` is ONE untransformed document: ``<eos>`` first, ``<break>`` between
+    segments and no other special id (an id table: its document start first, then only text,
+    image ids, its image markers and a final end of text)."""
+    if vocab.ids is not None:
+        _check_table_document(ids, vocab)
+        return
     if not ids or ids[0] != vocab.eos_id:
         raise ValueError("a CM3 document must start with <eos>; split sequences with split_documents first")
     n_special, size, brk = vocab.n_special, vocab.size, vocab.break_id
@@ -100,6 +108,28 @@ def _check_document(ids: Sequence[int], vocab: Vocab) -> None:
         raise ValueError(
             f"document holds {vocab.token_name(bad)} (only <eos> at the start and <break> between "
             "segments are allowed); is it already CM3-transformed or several documents?"
+        )
+
+
+def _check_table_document(ids: Sequence[int], vocab: Vocab) -> None:
+    t = vocab.ids
+    assert t is not None
+    if not ids or ids[0] != t.doc_start:
+        raise ValueError(f"a document must start with {vocab.token_name(t.doc_start)}; "
+                         "split sequences with split_documents first")
+    x = torch.as_tensor(list(ids), dtype=torch.long)
+    if int(x.min()) < 0 or int(x.max()) >= vocab.size:
+        vocab.kind(next(i for i in ids if not 0 <= i < vocab.size))  # raises, naming the id
+    bad = vocab.kinds_tensor(x) == 0
+    bad[0] = False
+    bad &= (x != t.begin_image) & (x != t.end_image)
+    bad[-1] &= bool(x[-1] != t.end_text)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise ValueError(
+            f"document holds {vocab.token_name(int(x[k]))} at position {k} (only the document start first, image "
+            "markers around images and a final end of text are allowed); is it several documents, or does the "
+            "text tokenizer map words to a reserved id (an unknown token)?"
         )
 
 
@@ -131,11 +161,13 @@ def sample_spans(
     segment_choice: str = "uniform",
 ) -> list[Span]:
     """Draw non-overlapping spans, each inside one segment, sorted by position."""
-    _check_document(ids, vocab)
+    check_document(ids, vocab)
     cap = vocab.n_masks if max_spans is None else min(max_spans, vocab.n_masks)
     n = min(sample_poisson(rng, poisson_lambda), cap)
+    if n == 0:  # always for a vocabulary without sentinels (an id table): the document stays causal
+        return []
     segs = [s for s in segment_ranges(ids, vocab) if mask_images or s[0] is not Kind.IMAGE]
-    if n == 0 or not segs:
+    if not segs:
         return []
     weights = [e - s for _, s, e in segs] if segment_choice == "length" else None
     chosen: list[Span] = []
@@ -164,7 +196,7 @@ def apply_spans(ids: Sequence[int], vocab: Vocab, spans: Sequence[Span], *, chec
     ``check=False`` skips re-validating a document that was just validated.
     """
     if check:
-        _check_document(ids, vocab)
+        check_document(ids, vocab)
     if len(spans) > vocab.n_masks:
         raise ValueError(f"{len(spans)} spans but only {vocab.n_masks} <mask:i> sentinels; raise Vocab.n_masks")
     body: list[int] = []
@@ -293,6 +325,15 @@ def image_places(ids: Sequence[int], vocab: Vocab) -> list[int]:
     """
     ids = list(ids)
     out = [-1] * len(ids)
+    if vocab.ids is not None:  # no CM3 layout: each run of image ids is one image, in order
+        L, run = vocab.image_seq_len, 0
+        for t, kind in enumerate(vocab.kinds_tensor(torch.as_tensor(ids, dtype=torch.long)).tolist()):
+            if kind == 2:
+                out[t] = run % L
+                run += 1
+            else:
+                run = 0
+        return out
     first_img, L, eos, infill = vocab.image_offset, vocab.image_seq_len, vocab.eos_id, vocab.infill_id
 
     def count_runs(positions: Iterable[int]) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from cm3leon.data.shards import Shards
 from cm3leon.sequence.build import open_shards, pack_row, row_rng, to_row, truncate_document
-from cm3leon.sequence.cm3 import CM3Config, cm3_transform
+from cm3leon.sequence.cm3 import CM3Config, check_document, cm3_transform
 from cm3leon.sequence.sft_templates import infill_form
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ class SFTDataset(torch.utils.data.Dataset):
     subset for down-sampled ones), shuffled. Each example is trained with the CM3
     objective: with probability ``target_infill_prob`` its target is the masked span
     (exactly the inference layout of :func:`~cm3leon.sequence.sft_templates.render_prompt`),
-    otherwise random CM3 spans are drawn as in pretraining. Rows are packed like
+    otherwise random CM3 spans are drawn as in pretraining. A vocabulary without CM3
+    sentinels (a converted model's id table) trains every document causally, as rendered
+    (its target last, the loss on every id as for the CM3 rows). Rows are packed like
     :class:`~cm3leon.sequence.build.PretrainDataset`'s;
     row ``i`` is a deterministic function of ``(seed, i)``.
     """
@@ -143,6 +145,9 @@ class SFTDataset(torch.utils.data.Dataset):
         self.order = order[rng.permutation(len(order))]
         self.n_too_long = int(np.sum(self.shards.lengths > seq_len))
         log.info("SFT mixture (%d rows per epoch):\n%s", len(self.order), self.table())
+        if self.vocab.ids is not None:
+            log.info("the vocabulary has no CM3 sentinels: SFT documents train causally "
+                     "(target_infill_prob and the cm3 options are unused)")
         if self.n_too_long:
             log.warning("%d SFT documents are longer than seq_len=%d and will be cut", self.n_too_long, seq_len)
 
@@ -154,10 +159,14 @@ class SFTDataset(torch.utils.data.Dataset):
         return len(self.order)
 
     def example(self, doc: int, rng: random.Random, budget: int, first: bool) -> list[int] | None:
-        """CM3 form of one SFT document within ``budget`` (None if it cannot fit whole)."""
+        """CM3 form of one SFT document within ``budget`` (None if it cannot fit whole); a vocabulary
+        without sentinels (an id table) trains the document as it is, causally."""
         ids = self.shards[doc]
         target = self.shards.target(doc)
-        if target is not None and rng.random() < self.target_infill_prob:
+        if self.vocab.ids is not None:
+            check_document(ids, self.vocab)
+            out = list(ids)
+        elif target is not None and rng.random() < self.target_infill_prob:
             out = infill_form(ids, target, self.vocab)
         else:
             c = self.cm3

@@ -7,7 +7,16 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from cm3leon.data.shards import ImageEncoder, Shards, ShardWriter, TextEncoder, encode_images, vocab_for
+from cm3leon.data.shards import (
+    ImageEncoder,
+    Shards,
+    ShardWriter,
+    TextEncoder,
+    check_vocab_fits,
+    encode_images,
+    vocab_for,
+)
+from cm3leon.sequence.cm3 import check_document
 from cm3leon.sequence.sft_templates import ImageSlot, SFTExample, get_task, render_training
 from cm3leon.vocab import Vocab
 
@@ -22,12 +31,16 @@ def tokenize_sft(
     n_masks: int = 8,
     overwrite: bool = False,
     meta: dict[str, Any] | None = None,
+    vocab: Vocab | None = None,
 ) -> Shards:
     """Render examples into shards tagged with their task and target span (VQ in batches).
 
     ``overwrite`` replaces existing shards at ``out_dir``, never a directory holding other
-    files; the writer holds ``out_dir``'s lock while it works (see :class:`ShardWriter`)."""
-    vocab = vocab_for(text_tok, image_tok, n_masks=n_masks)
+    files; the writer holds ``out_dir``'s lock while it works (see :class:`ShardWriter`).
+    ``vocab`` is a model's own vocabulary (a converted model's id table: documents in its
+    causal layout, checked as they are written); default: the tokenizers' contiguous layout."""
+    vocab = vocab_for(text_tok, image_tok, n_masks=n_masks) if vocab is None else check_vocab_fits(
+        vocab, text_tok, image_tok)
     counts: Counter[str] = Counter()
     writer = ShardWriter(out_dir, vocab, overwrite=overwrite)
     try:
@@ -61,5 +74,10 @@ def _write_sft_batch(
         filled[k][f] = c
     for ex, fields in zip(batch, filled):
         r = render_training(ex.task, fields, text_tok, vocab, variant=ex.variant)
+        if vocab.ids is not None:  # e.g. a word the model's tokenizer maps to a reserved id
+            try:
+                check_document(r.ids, vocab)
+            except ValueError as e:
+                raise ValueError(f"SFT example {counts.total() + 1} ({ex.task}): {e}") from None
         writer.add(r.ids, task=ex.task, target=r.target)
         counts[ex.task] += 1

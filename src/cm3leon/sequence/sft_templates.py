@@ -13,6 +13,12 @@ which field is the *target* (the answer). The same table renders
 
 so the two never drift apart: ``prompt + answer == infill_form(training document)``.
 
+A vocabulary with an id table (a converted Chameleon, no CM3 sentinels) renders the same
+table causally with the model's own markers: the images of a text task come first, every
+image is wrapped in the begin/end-of-image ids, the document ends with the end-of-text id
+and the prompt is everything before the target (``<s> <begin-image> IMAGE <end-image>
+Question: what color? Answer:`` then the model writes `` red`` and ``</s>``).
+
 Text pieces are encoded separately (literal text, then each field's value), so a field's
 tokens never merge with their neighbours and the answer is always a whole token span; a
 space before a placeholder is carried by the field's value (``"Answer: {answer}"`` encodes
@@ -281,11 +287,14 @@ def render_training(
     s, e = span[t.target][0], span[t.target_end or t.target][1]
     if e <= s:
         raise ValueError(f"task {t.name!r}: the target {t.target!r} is empty")
+    if vocab.ids is not None:  # the model's own end of document: a text answer is followed by its stop id
+        ids.append(vocab.ids.end_text)
     return Rendered(ids, (s, e), t.target_kind)
 
 
 def infill_form(ids: Sequence[int], target: tuple[int, int], vocab: Vocab) -> list[int]:
-    """The training document with its target as the CM3 span (a target at the end stays causal)."""
+    """The training document with its target as the CM3 span (a target at the end, or any target of a
+    vocabulary without sentinels, stays causal)."""
     s, e = target
     if e == len(ids) or vocab.ids is not None:  # a model without infilling trains on the causal form
         return list(ids)
