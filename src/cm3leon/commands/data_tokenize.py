@@ -31,13 +31,20 @@ def add_tokenize_parser(data_subparsers: argparse._SubParsersAction) -> argparse
                   --image-tokenizer tok/image --out shards/train --index index/
               cm3leon data tokenize --data data/shapes32 --text-tokenizer tok/text \\
                   --image-tokenizer tok/image --out shards/sft-train --sft
+              cm3leon data tokenize --data data/shapes32 --model models/anole-7b \\
+                  --out shards/sft-anole --sft --sft-jsonl extra.jsonl
+
+            --model DIR takes the tokenizers and the ids (vocab.json) of a model directory: a
+            converted Chameleon's shards hold its own ids and image markers, laid out causally.
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="dataset dir or any source `cm3leon data inspect` reads")
-    p.add_argument("--text-tokenizer", required=True, help="text tokenizer directory (tokenizer.json)")
-    p.add_argument("--image-tokenizer", required=True,
-                   help="image tokenizer directory (config.json + model.safetensors)")
+    p.add_argument("--data", help="dataset dir or any source `cm3leon data inspect` reads (with --sft it may be "
+                   "left out when --sft-jsonl gives the examples)")
+    p.add_argument("--text-tokenizer", help="text tokenizer directory (tokenizer.json)")
+    p.add_argument("--image-tokenizer", help="image tokenizer directory (config.json + model.safetensors)")
+    p.add_argument("--model", help="a model directory instead of the two tokenizers: its text_tokenizer/, "
+                   "image_tokenizer/ and ids (vocab.json; needed for a converted model)")
     p.add_argument("--out", required=True, help="output shard directory")
     p.add_argument("--index", help="retrieval index directory holding neighbors.npy for --data")
     p.add_argument("--neighbors", help="a neighbors.npy (int64 [N,k], dataset rows, -1 = none) to attach")
@@ -77,6 +84,21 @@ def _neighbors_path(args: argparse.Namespace) -> Path | None:
     return None
 
 
+def _tokenizer_dirs(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
+    """(text tokenizer dir, image tokenizer dir, vocab.json or None) from --model or the two tokenizer flags."""
+    if args.model:
+        if args.text_tokenizer or args.image_tokenizer:
+            raise ValueError("give either --model DIR or --text-tokenizer/--image-tokenizer, not both")
+        d = Path(args.model)
+        missing = [n for n in ("vocab.json", "text_tokenizer", "image_tokenizer") if not (d / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"--model {d} lacks {', '.join(missing)}; point it at a model directory")
+        return d / "text_tokenizer", d / "image_tokenizer", d / "vocab.json"
+    if not (args.text_tokenizer and args.image_tokenizer):
+        raise ValueError("give --text-tokenizer DIR and --image-tokenizer DIR, or --model DIR")
+    return Path(args.text_tokenizer), Path(args.image_tokenizer), None
+
+
 def run_tokenize(args: argparse.Namespace) -> int:
     """Handler of ``cm3leon data tokenize``."""
     import random
@@ -84,26 +106,37 @@ def run_tokenize(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from cm3leon.config import load_json
     from cm3leon.data.shards import attach_neighbors, tokenize_dataset
     from cm3leon.data.sources import open_source
     from cm3leon.sequence.sft_shards import tokenize_sft
     from cm3leon.sequence.sft_sources import read_sft_jsonl, record_sft_examples
     from cm3leon.tokenize.image_vq import ImageTokenizer
-    from cm3leon.tokenize.text_bpe import TextTokenizer
+    from cm3leon.tokenize.text_hf import HFTextTokenizer, load_text_tokenizer
+    from cm3leon.vocab import Vocab
     from cm3leon.workspace import check_not_inside, check_not_replaced
 
-    check_not_inside(args.out, args.data)
-    check_not_replaced(args.out, args.text_tokenizer, args.image_tokenizer, args.index, args.neighbors, *args.sft_jsonl)
+    text_dir, image_dir, vocab_file = _tokenizer_dirs(args)
+    if not args.data and not (args.sft and args.sft_jsonl):
+        raise ValueError("give --data DIR (with --sft, --sft-jsonl FILE alone also works)")
+    if args.data:
+        check_not_inside(args.out, args.data)
+    check_not_replaced(args.out, text_dir, image_dir, args.model, args.index, args.neighbors, *args.sft_jsonl)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     nb_path = _neighbors_path(args)  # fail before the long work
     if nb_path is not None and args.sft:
         raise ValueError("--sft shards do not use retrieval; drop --index/--neighbors")
-    text_tok = TextTokenizer.load(args.text_tokenizer)
-    image_tok = ImageTokenizer.from_pretrained(args.image_tokenizer).to(torch.device(args.device)).eval()
-    meta = {"text_tokenizer": str(args.text_tokenizer), "image_tokenizer": str(args.image_tokenizer)}
+    text_tok = load_text_tokenizer(text_dir)
+    vocab = Vocab.from_dict(load_json(vocab_file)) if vocab_file is not None else None
+    if vocab is None and isinstance(text_tok, HFTextTokenizer):
+        raise ValueError(f"--text-tokenizer {text_dir} is a converted model's own tokenizer: give --model "
+                         "MODEL_DIR instead, so the shards use the model's ids (its vocab.json)")
+    image_tok = ImageTokenizer.from_pretrained(image_dir).to(torch.device(args.device)).eval()
+    meta = {"text_tokenizer": str(text_dir), "image_tokenizer": str(image_dir),
+            **({"model": str(args.model)} if args.model else {})}
     if args.sft:
-        source = open_source(args.data, limit=args.limit)
+        source = open_source(args.data, limit=args.limit) if args.data else []
 
         def examples():  # a generator of SFTExample
             for row, rec in enumerate(source):
@@ -111,8 +144,9 @@ def run_tokenize(args: argparse.Namespace) -> int:
             for path in args.sft_jsonl:
                 yield from read_sft_jsonl(path, seed=args.seed)
 
+        meta["source"] = str(args.data or ",".join(args.sft_jsonl))
         shards = tokenize_sft(examples(), text_tok, image_tok, args.out, batch_size=args.batch_size,
-                              overwrite=args.overwrite, meta={**meta, "source": str(args.data)})
+                              overwrite=args.overwrite, meta=meta, vocab=vocab)
         counts = shards.manifest.get("task_counts", {})
         print(f"wrote {len(shards)} SFT examples ({shards.n_tokens} tokens) to {args.out}")
         for task, n in counts.items():
@@ -120,7 +154,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         return 0
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     shards = tokenize_dataset(args.data, text_tok, image_tok, args.out, batch_size=args.batch_size,
-                              fields=fields, overwrite=args.overwrite, meta=meta, limit=args.limit)
+                              fields=fields, overwrite=args.overwrite, meta=meta, limit=args.limit, vocab=vocab)
     if nb_path is not None:
         attach_neighbors(args.out, np.load(nb_path, allow_pickle=False))
     stats = shards.manifest.get("stats", {})

@@ -1,0 +1,89 @@
+"""SFT on a converted tiny Chameleon from the CLI, as docs/sft.md and docs/chameleon.md describe it:
+`cm3leon data tokenize --model CONVERTED --sft --sft-jsonl` -> `cm3leon sft --lora ... --merge` ->
+`cm3leon generate` / `cm3leon caption` on the merge."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cm3leon.cli import main
+from cm3leon.data.shards import Shards
+from cm3leon.train.config import DataConfig, RunConfig, TrainConfig
+from helpers import one_thread
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from chameleon_fixtures import build_checkpoint  # noqa: E402
+
+COLORS = {"w1": (255, 0, 0), "w2": (0, 255, 0), "w3": (0, 0, 255), "w4": (255, 255, 0)}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("chameleon")
+    build_checkpoint(d / "hf", shard_size=None)
+    assert main(["convert", "chameleon", "--hf", str(d / "hf"), "--out", str(d / "converted")]) == 0
+    return d / "converted"
+
+
+def _user_sft(d: Path) -> Path:
+    """A user SFT jsonl (docs/sft.md): captions and text-to-image over the tiny tokenizer's words."""
+    d.mkdir()
+    lines = []
+    for k in range(16):
+        w = list(COLORS)[k % 4]
+        Image.new("RGB", (16, 16), COLORS[w]).save(d / f"{w}.png")
+        task = ("caption", "text_to_image")[k % 2]
+        lines.append({"task": task, "fields": {"caption": f"w5 {w}", "image": f"{w}.png"}, "variant": 0})
+    (d / "sft.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return d / "sft.jsonl"
+
+
+def test_sft_lora_on_a_converted_chameleon_from_the_cli(converted, tmp_path, capsys):
+    jsonl = _user_sft(tmp_path / "user")
+    # the converted model's tokenizer alone does not know the model's ids: one line naming --model
+    assert main(["data", "tokenize", "--text-tokenizer", str(converted / "text_tokenizer"), "--image-tokenizer",
+                 str(converted / "image_tokenizer"), "--sft", "--sft-jsonl", str(jsonl),
+                 "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give --model MODEL_DIR" in err
+    shards_dir = tmp_path / "ws" / "shards" / "sft"
+    assert main(["data", "tokenize", "--model", str(converted), "--sft", "--sft-jsonl", str(jsonl),
+                 "--out", str(shards_dir)]) == 0
+    assert "wrote 16 SFT examples" in capsys.readouterr().out
+    shards = Shards(shards_dir)
+    vocab = shards.vocab
+    assert vocab.ids is not None and shards.manifest["task_counts"] == {"caption": 8, "text_to_image": 8}
+    t = vocab.ids
+    doc = shards[0]  # caption: <s> <racm3:break> IMAGE <eoss> caption </s>
+    assert doc[:2] == [t.doc_start, t.begin_image] and doc[2 + vocab.image_seq_len] == t.end_image
+    assert doc[-1] == t.end_text and shards.target(0) == (3 + vocab.image_seq_len, len(doc) - 1)
+
+    run = RunConfig(name="chameleon-lora", model="tiny", train=TrainConfig(
+        steps=8, batch_size=4, lr=1e-2, warmup_steps=0, log_every=1, ckpt_every=0, eval_batches=1,
+        unigram_samples=4), data=DataConfig(train="shards/sft", kind="sft", seq_len=64))
+    (tmp_path / "sft.json").write_text(run.to_json())
+    out = tmp_path / "ws" / "lora"
+    assert main(["sft", "--base", str(converted), "--config", str(tmp_path / "sft.json"), "--out", str(out),
+                 "--no-progress", "--lora", "r=4,alpha=8,targets=q_proj,v_proj", "--merge"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "completed" and summary["merged"] == str(out / "merged")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < losses[0], losses
+
+    png = tmp_path / "g.png"
+    assert main(["generate", "--model", str(out / "merged"), "w5 w1", "--n", "1", "--no-rerank",
+                 "--out", str(png)]) == 0
+    assert png.stat().st_size > 100
+    assert main(["caption", "--model", str(out / "merged"), str(tmp_path / "user" / "w1.png")]) == 0
