@@ -154,8 +154,7 @@ def test_every_layout_goes_through_the_same_command(tmp_path, digits, layout, ca
         torch.set_num_threads(n)
     assert rc == 0
     printed = capsys.readouterr().out
-    kind = "coco" if layout == "coco" else layout
-    assert f"plan (own-data-smoke): 100 good records of {kind} data" in printed
+    assert f"plan (own-data-smoke): 100 good records of {layout} data" in printed
     assert "model directory:" in printed and (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
