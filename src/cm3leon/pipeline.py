@@ -47,6 +47,7 @@ from cm3leon.retrieval.encoder import load_encoder
 from cm3leon.retrieval.encoder_base import Encoder
 from cm3leon.retrieval.index import MemoryBank
 from cm3leon.retrieval.retriever import Retriever, RetrieverConfig
+from cm3leon.sequence.document import Document, ImageSegment, TextSegment
 from cm3leon.sequence.sft_templates import format_box, render_prompt
 from cm3leon.tokenize.image_vq import ImageTokenizer
 from cm3leon.tokenize.text_bpe import TextTokenizer
@@ -493,6 +494,48 @@ class CM3Leon:
         self._check_fits(ids, max_new_tokens)
         cfg = SamplingConfig(greedy=greedy, temperature=temperature, seed=seed)
         return self.decode_text(generate_text(self.model, self.vocab, [ids], cfg, max_new_tokens=max_new_tokens)[0])
+
+    def interleaved(self, parts: Sequence[str | Image.Image | Path], *, output: str = "text", n: int | None = None,
+                    guidance: float | None = None, temperature: float | None = None, top_p: float | None = None,
+                    max_new_tokens: int | None = None, seed: int = 0) -> str | list[Image.Image]:
+        """Continue an interleaved prompt: text (``str``) and images (PIL images or ``Path``) in any order.
+
+        ``parts`` are one document (``<eos> text <break> IMAGE <break> text``; a converted model:
+        ``<s> text <begin-image> IMAGE <end-image> text``). ``output="image"`` writes the next image
+        (``n`` samples, CFG against the prompt with its text masked / left out; settings from
+        ``text_to_image``); ``output="text"`` writes the text that follows, a new segment after an image
+        or the last text's continuation (settings from ``caption``).
+        """
+        if not parts:
+            raise ValueError("no prompt parts given")
+        images = [x for x in parts if not isinstance(x, str)]
+        codes = iter(self._codes_of(images) if images else [])
+        segs: list[Any] = []
+        for x in parts:
+            if isinstance(x, str):
+                ids = self.text_ids(_check_prompt(x, "text part"))
+                segs.append(TextSegment(tuple(self.vocab.ids_to_text(ids))))
+            else:
+                segs.append(ImageSegment(tuple(next(codes))))
+        doc = Document(tuple(segs)).to_ids(self.vocab)
+        if output == "image":
+            d = self.defaults("text_to_image", samples=n, guidance=guidance, temperature=temperature, top_p=top_p,
+                              seed=seed)
+            prompt = doc + self.vocab.segment_prefix(Kind.IMAGE, first=False)
+            self._check_fits(prompt, self.vocab.image_seq_len)
+            cfg = dataclasses.replace(d.sampling, cd_k=None)
+            uncond = [unconditional_prompt(prompt, self.vocab)] if cfg.guidance != 1.0 else None
+            out = generate_image_tokens(self.model, self.vocab, [prompt], cfg, uncond_prompts=uncond,
+                                        n_per_prompt=d.samples)
+            return self.decode_images(out)
+        if output != "text":
+            raise ValueError(f"output must be 'text' or 'image', got {output!r}")
+        d = self.defaults("caption", max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        after_image = not isinstance(parts[-1], str)  # a new text segment; after text, the text goes on
+        prompt = doc + (self.vocab.segment_prefix(Kind.TEXT, first=False) if after_image else [])
+        self._check_fits(prompt, d.max_new_tokens)
+        out = generate_text(self.model, self.vocab, [prompt], d.sampling, max_new_tokens=d.max_new_tokens)
+        return self.decode_text(out[0]).strip()
 
     def _check_fits(self, ids: Sequence[int], n_new: int) -> None:
         limit = self.model.cfg.max_seq_len
