@@ -1,6 +1,6 @@
 """SFT on a converted tiny Chameleon from the CLI, as docs/sft.md and docs/chameleon.md describe it:
 `cm3leon data tokenize --model CONVERTED --sft --sft-jsonl` -> `cm3leon sft --lora ... --merge` ->
-`cm3leon generate` / `cm3leon caption` on the merge."""
+`cm3leon generate` / `cm3leon caption` / an interleaved prompt on the merge."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _user_sft(d: Path) -> Path:
     return d / "sft.jsonl"
 
 
-def test_sft_lora_on_a_converted_chameleon_from_the_cli(converted, tmp_path, capsys):
+def test_sft_lora_on_a_converted_chameleon_from_the_cli(converted, tmp_path, capsys, monkeypatch):
     jsonl = _user_sft(tmp_path / "user")
     # the converted model's tokenizer alone does not know the model's ids: one line naming --model
     assert main(["data", "tokenize", "--text-tokenizer", str(converted / "text_tokenizer"), "--image-tokenizer",
@@ -87,3 +87,18 @@ def test_sft_lora_on_a_converted_chameleon_from_the_cli(converted, tmp_path, cap
                  "--out", str(png)]) == 0
     assert png.stat().st_size > 100
     assert main(["caption", "--model", str(out / "merged"), str(tmp_path / "user" / "w1.png")]) == 0
+
+    # an interleaved prompt on the merge: one document in the model's own layout
+    import cm3leon.pipeline as pipeline_mod
+
+    m = pipeline_mod.CM3Leon.from_pretrained(out / "merged")
+    seen, decode = [], pipeline_mod.generate_image_tokens
+    monkeypatch.setattr(pipeline_mod, "generate_image_tokens",
+                        lambda model, vocab, prompts, cfg, **kw: seen.append(prompts[0]) or decode(
+                            model, vocab, prompts, cfg, **kw))
+    red = tmp_path / "user" / "w1.png"
+    assert len(m.interleaved(["w5 w1", red, "w6"], output="image", n=1)) == 1
+    img = vocab.codes_to_ids(m.encode_images([Image.open(red)])[0].tolist())
+    assert seen == [[t.doc_start, *m.text_ids("w5 w1"), t.begin_image, *img, t.end_image, *m.text_ids("w6"),
+                     t.begin_image]]
+    assert isinstance(m.interleaved([red, "w5"], output="text", max_new_tokens=3), str)
