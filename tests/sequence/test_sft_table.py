@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cm3leon.data.shards import Shards, write_documents
-from cm3leon.sequence.build import IGNORE_INDEX
+from cm3leon.sequence.build import IGNORE_INDEX, PretrainDataset
 from cm3leon.sequence.cm3 import CM3Config, check_document, cm3_transform, image_places
 from cm3leon.sequence.sft_mixture import SFTDataset
 from cm3leon.sequence.sft_shards import tokenize_sft
@@ -102,3 +102,7 @@ def test_sft_rows_are_the_documents_as_written(tmp_path: Path):
             real = real[len(doc):]
         assert torch.equal(row["labels"][:n], row["ids"][:n]) and (row["labels"][n:] == IGNORE_INDEX).all()
         assert row["image_idx"].tolist() == image_places(ids, V)
+    pre = PretrainDataset(Shards(tmp_path / "s"), seq_len=24, seed=0, pack=False)  # continued pretraining: causal too
+    for i in range(len(pre)):
+        doc = docs[int(pre.order[i])]
+        assert pre[i]["ids"][: len(doc)].tolist() == doc

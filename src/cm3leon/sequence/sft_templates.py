@@ -17,7 +17,7 @@ A vocabulary with an id table (a converted Chameleon, no CM3 sentinels) renders 
 table causally with the model's own markers: the images of a text task come first, every
 image is wrapped in the begin/end-of-image ids, the document ends with the end-of-text id
 and the prompt is everything before the target (``<s> <begin-image> IMAGE <end-image>
-Question: what color? Answer:`` then the model writes `` red`` and ``</s>``).
+Question: what color? Answer:`` then the model writes `` red.`` and ``</s>``).
 
 Text pieces are encoded separately (literal text, then each field's value), so a field's
 tokens never merge with their neighbours and the answer is always a whole token span; a
