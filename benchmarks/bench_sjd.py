@@ -105,11 +105,11 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a trained model directory (the quickstart's model_pretrained)")
     ap.add_argument("--data", required=True, help="held-out Shapes records (the quickstart's data/val)")
     ap.add_argument("--windows", default="4,8,16,32", help="SJD window sizes to time")
-    ap.add_argument("--window", type=int, default=None, help="window of the judged SJD runs (default: fastest)")
+    ap.add_argument("--window", type=int, default=4, help="window of the judged and lower-precision SJD runs")
     ap.add_argument("--prompts", type=int, default=8, help="prompts of the timed batch (x2 streams with CFG)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-prompts", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=4, help="images per judged prompt")
+    ap.add_argument("--samples", type=int, default=4, help="images per judged prompt (0: timings only)")
     ap.add_argument("--precisions", default="bf16,int8", help="lower precisions to measure too ('' for none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -128,7 +128,7 @@ def main() -> None:
     captions = [r.meta["captions"]["detailed"] for r in judged[: args.prompts]]
     cond = [render_prompt("text_to_image", {"caption": c}, pipe.text_tokenizer, vocab)[0] for c in captions]
     unc = [unconditional_prompt(p, vocab) for p in cond]
-    windows = [int(w) for w in args.windows.split(",") if w]
+    windows = sorted({int(w) for w in args.windows.split(",") if w} | {args.window})
     L = vocab.image_seq_len
 
     result: dict[str, object] = {
@@ -147,9 +147,13 @@ def main() -> None:
     runs: dict[str, Callable[[], torch.Tensor]] = {"seq": ours(fp32, 0)}
     runs.update({f"sjd{w}": ours(fp32, w) for w in windows})
     runs["hf"] = lambda: hf_run(cond, unc, cfg)
+    precisions = [p for p in args.precisions.split(",") if p]
+    low = {prec: for_decoding(fp32, prec) for prec in precisions}
+    for prec, m in low.items():  # timed in the same round-robin at --window (default 4) drafts
+        runs[f"{prec}_seq"], runs[f"{prec}_sjd"] = ours(m, 0), ours(m, args.window)
     forwards: dict[str, int] = {}
     for name, fn in runs.items():  # warm-up, and the forward count of the timed batch
-        if name == "hf":
+        if name == "hf" or name.split("_")[0] in low:
             fn()
             continue
         with CountForwards(fp32) as c:
@@ -167,7 +171,7 @@ def main() -> None:
         if name in forwards:
             result[f"{name}_forwards_per_image"] = forwards[name]
     best = max(windows, key=lambda w: tps[f"sjd{w}"])
-    window = args.window or best
+    window = args.window
     # Per-row cache lengths would let every row advance by its own acceptance: such a batch needs
     # as many iterations as its slowest row needs alone. Each prompt decoded alone measures that.
     alone = []
@@ -193,21 +197,14 @@ def main() -> None:
         seq_speedup_vs_hf=round(tps["seq"] / tps["hf"], 2),
         hf_attn_implementation=hf_run.attn_implementation,  # type: ignore[attr-defined]
     )
+    for prec in precisions:
+        result[f"{prec}_sjd_speedup_vs_hf"] = round(tps[f"{prec}_sjd"] / tps["hf"], 2)
+        result[f"{prec}_seq_speedup_vs_fp32_seq"] = round(tps[f"{prec}_seq"] / tps["seq"], 2)
 
     # Judged quality: the same prompts and samples for each path and precision.
-    for prec in ["fp32", *[p for p in args.precisions.split(",") if p]]:
-        pipe.model = for_decoding(fp32, prec)
-        if prec != "fp32":  # speed of this precision on the timed batch
-            t_seq, t_sjd = [], []
-            ours(pipe.model, 0)(), ours(pipe.model, window)()
-            for _ in range(args.repeats):
-                for t, w in ((t_seq, 0), (t_sjd, window)):
-                    t0 = time.perf_counter()
-                    ours(pipe.model, w)()
-                    t.append(time.perf_counter() - t0)
-            result[f"{prec}_seq_image_tokens_per_s"] = round(len(cond) * L / statistics.median(t_seq), 1)
-            result[f"{prec}_sjd_image_tokens_per_s"] = round(len(cond) * L / statistics.median(t_sjd), 1)
-        for path, w in (("seq", 0), ("sjd", window)):
+    for prec in ["fp32", *precisions]:
+        pipe.model = low.get(prec, fp32)
+        for path, w in (("seq", 0), ("sjd", window)) if args.samples else ():
             rate, fwd = judge_rate(pipe, judged, w, args.samples, args.seed)
             result[f"{prec}_{path}_judge_all_correct"] = round(rate, 4)
             result[f"{prec}_{path}_eval_forwards_per_image"] = round(fwd, 1)
