@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from cm3leon.cli import main
-from cm3leon.data.shards import Shards
+from cm3leon.data.shards import Shards, write_documents
 from cm3leon.train.config import DataConfig, RunConfig, TrainConfig
+from cm3leon.vocab import Vocab
 from helpers import one_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
@@ -69,10 +70,17 @@ def test_sft_lora_on_a_converted_chameleon_from_the_cli(converted, tmp_path, cap
     assert doc[:2] == [t.doc_start, t.begin_image] and doc[2 + vocab.image_seq_len] == t.end_image
     assert doc[-1] == t.end_text and shards.target(0) == (3 + vocab.image_seq_len, len(doc) - 1)
 
+    plain = Vocab(text_size=vocab.text_size, image_size=vocab.image_size, image_seq_len=vocab.image_seq_len)
+    write_documents(tmp_path / "plain" / "shards" / "sft", plain, [[plain.eos_id, plain.text_to_ids([5])[0]]])
     run = RunConfig(name="chameleon-lora", model="tiny", train=TrainConfig(
         steps=8, batch_size=4, lr=1e-2, warmup_steps=0, log_every=1, ckpt_every=0, eval_batches=1,
         unigram_samples=4), data=DataConfig(train="shards/sft", kind="sft", seq_len=64))
     (tmp_path / "sft.json").write_text(run.to_json())
+    # shards in cm3leon's own layout do not fit the converted base: one line naming data tokenize --model
+    assert main(["sft", "--base", str(converted), "--config", str(tmp_path / "sft.json"), "--out",
+                 str(tmp_path / "plain" / "lora"), "--no-progress", "--lora", "r=4"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cm3leon data tokenize --model {converted} --sft" in err
     out = tmp_path / "ws" / "lora"
     assert main(["sft", "--base", str(converted), "--config", str(tmp_path / "sft.json"), "--out", str(out),
                  "--no-progress", "--lora", "r=4,alpha=8,targets=q_proj,v_proj", "--merge"]) == 0

@@ -59,6 +59,10 @@ def model_config(run: RunConfig, vocab: Vocab, base: Path | None = None) -> Mode
     cfg = load_config(base)
     if (base / "vocab.json").exists():
         base_vocab = from_json_dict(Vocab, load_json(base / "vocab.json"))
+        if base_vocab != vocab and (base_vocab.ids is not None or vocab.ids is not None):
+            raise ValueError(f"the base model {base} and the SFT shards use different id tables (vocab.json); "
+                             f"tokenize the SFT data with the model's own ids: cm3leon data tokenize --model {base} "
+                             "--sft ...")
         if base_vocab != vocab:
             raise ValueError(f"the base model {base} was trained with {base_vocab} but the SFT shards use {vocab}; "
                              "tokenize the SFT data with the pretraining tokenizers")
