@@ -136,6 +136,9 @@ def test_the_plan_scales_with_the_data_and_the_budget():
     short, long = (make_plan(PlanRequest(source=src, minutes=m), 1707, 90, 21) for m in (10, 20))
     assert long.pretrain_steps > short.pretrain_steps > 0
     assert make_plan(PlanRequest(source=src, image_size=64, tokens=10_000), 1707, 90, 21).vq_preset == "shapes-64"
+    wide = make_plan(PlanRequest(source=src, image_size=128, tokens=10_000), 1707, 90, 21)
+    assert wide.vq_preset == "shapes-128" and wide.model_overrides["d_model"] == 256
+    assert wide.model_overrides["max_seq_len"] >= wide.seq_len >= 3 * 256  # 2 neighbours + the query fit
     with pytest.raises(ValueError, match="--minutes 1 leaves .* give at least --minutes"):
         make_plan(PlanRequest(source=src, minutes=1), 1707, 90, 21)
     with pytest.raises(ValueError, match="--image-size must be one of"):
@@ -206,3 +209,20 @@ def test_a_local_clip_is_the_retrieval_encoder(tmp_path, digits):
 
     pipe = CM3Leon.from_pretrained(tmp_path / "run" / "model")
     assert type(pipe.encoder).__name__ == "CLIPEncoder" and pipe.encoder.dim == 16
+
+
+@pytest.mark.slow
+def test_a_64_px_run_goes_end_to_end(tmp_path):
+    data = _digits_module().write_layout(tmp_path / "digits64", _digits_module().digit_images(64, N), "folder")
+    req = PlanRequest(source=Source(str(data), "folder", fingerprint(data)), smoke=True, image_size=64)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_own_data(tmp_path / "run", req, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    from cm3leon.pipeline import CM3Leon
+
+    pipe = CM3Leon.from_pretrained(tmp_path / "run" / "model")
+    assert pipe.image_tokenizer.cfg.resolution == 64
+    assert pipe.generate_image("a handwritten digit 3", n=1).images[0].size == (64, 64)
