@@ -145,7 +145,6 @@ def test_the_plan_scales_with_the_data_and_the_budget():
         PlanRequest(source=src, image_size=48)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["coco", "webdataset", "parquet"])
 def test_every_layout_goes_through_the_same_command(tmp_path, digits, layout, capsys):
     data = _digits_module().write_layout(tmp_path / layout, digits, layout, per_shard=60)
@@ -190,7 +189,6 @@ def _tiny_clip(d: Path) -> Path:
     return d
 
 
-@pytest.mark.slow
 def test_a_local_clip_is_the_retrieval_encoder(tmp_path, digits):
     pytest.importorskip("transformers")
     data = _digits_module().write_layout(tmp_path / "digits", digits, "folder")
@@ -211,7 +209,6 @@ def test_a_local_clip_is_the_retrieval_encoder(tmp_path, digits):
     assert type(pipe.encoder).__name__ == "CLIPEncoder" and pipe.encoder.dim == 16
 
 
-@pytest.mark.slow
 def test_a_64_px_run_goes_end_to_end(tmp_path):
     data = _digits_module().write_layout(tmp_path / "digits64", _digits_module().digit_images(64, N), "folder")
     req = PlanRequest(source=Source(str(data), "folder", fingerprint(data)), smoke=True, image_size=64)
