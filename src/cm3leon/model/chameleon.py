@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cm3leon.config import ModelConfig
+from cm3leon.model.attention import attend
 
 Rope = tuple[Tensor, Tensor]
 
@@ -101,22 +102,7 @@ class ChameleonAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if kv is not None:
-            k_buf, v_buf = kv  # (B, nkv, S, hd)
-            if isinstance(slots, int):
-                k_buf.narrow(2, slots, T).copy_(k)
-                v_buf.narrow(2, slots, T).copy_(v)
-                k, v = k_buf.narrow(2, 0, slots + T), v_buf.narrow(2, 0, slots + T)  # (B, nkv, slots + T, hd)
-            else:
-                k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
-                v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
-                k, v = k_buf, v_buf  # (B, nkv, S, hd)
-            q = q.to(k_buf.dtype)
-        gqa = self.n_kv != self.n_heads
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        y = attend(q, k, v, attn_mask, kv, slots)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
         return self.o_proj(y)
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cm3leon.config import ModelConfig
+from cm3leon.model.attention import attend
 from cm3leon.model.chameleon import ChameleonBlock, RMSNorm, init_chameleon_, rope_tables
 
 
@@ -95,21 +96,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, nh, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
-        if kv is not None:
-            k_buf, v_buf = kv  # (B, nh, S, hd)
-            if isinstance(slots, int):
-                k_buf.narrow(2, slots, T).copy_(k)
-                v_buf.narrow(2, slots, T).copy_(v)
-                k, v = k_buf.narrow(2, 0, slots + T), v_buf.narrow(2, 0, slots + T)  # (B, nh, slots + T, hd)
-            else:
-                k_buf.index_copy_(2, slots, k.to(k_buf.dtype))
-                v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
-                k, v = k_buf, v_buf  # (B, nh, S, hd)
-            q = q.to(k_buf.dtype)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = attend(q, k, v, attn_mask, kv, slots)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hd) -> (B, T, C)
         return self.out(y)
 
