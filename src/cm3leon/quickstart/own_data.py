@@ -43,6 +43,7 @@ from cm3leon.quickstart import (
     Stages,
     _check_completed,
     _interrupted,
+    _load_tokenizers,
     _run_key,
     _uint8_images,
 )
@@ -497,13 +498,6 @@ def _stage_index(data: dict[str, Any], enc: dict[str, Any]) -> Callable[[Path], 
         return {"dir": str(d), "n": len(ds)}
 
     return fn
-
-
-def _load_tokenizers(text: dict[str, Any], image: dict[str, Any]) -> tuple[Any, Any]:
-    from cm3leon.tokenize.image_vq import ImageTokenizer
-    from cm3leon.tokenize.text_bpe import TextTokenizer
-
-    return TextTokenizer.load(text["dir"]), ImageTokenizer.from_pretrained(image["dir"]).eval()
 
 
 def _stage_shards(p: OwnDataPlan, data: dict[str, Any], text: dict[str, Any], image: dict[str, Any],
