@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,37 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+
+
+def build_tiny_clip(d: Path, *, layers: int = 1, merges: Sequence[tuple[str, str]] = ()) -> Path:
+    """A randomly initialised tiny transformers CLIP (model, tokenizer, image processor) saved in
+    ``d`` like a local download: byte-level BPE with ``merges``, 30 px images, ``layers`` per tower."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.tokenization_clip import CLIPTokenizer
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
+    except ImportError:  # transformers 4.x
+        from transformers import CLIPImageProcessor as Proc
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for t in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(t, len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
+    tok.save_pretrained(d)
+    Proc(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=30, patch_size=6, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=layers, num_attention_heads=4),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(d)
+    return d

@@ -98,30 +98,3 @@ def build_checkpoint(d: Path, *, swin_norm: bool = False, n_kv: int = 4, seed: i
     torch.save({"state_dict": sd}, d / "vqgan.ckpt")
     (d / "README.md").write_text(json.dumps({"tiny": True}))
     return hf
-
-
-def build_tiny_clip(d: Path) -> Path:
-    """A random tiny transformers CLIP directory (model, tokenizer, image processor) for re-ranking."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.clip.tokenization_clip import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for t in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(t, len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.save_pretrained(d)
-    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=30, patch_size=6, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=4),
-        projection_dim=16,
-    )
-    CLIPModel(cfg).save_pretrained(d)
-    return d

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from chameleon_fixtures import build_checkpoint, build_tiny_clip
+from chameleon_fixtures import build_checkpoint
 from PIL import Image
 
 import cm3leon.pipeline as pipeline_mod
 from cm3leon.cli import main
 from cm3leon.pipeline import CM3Leon
 from cm3leon.sequence.document import Document, ImageSegment, TextSegment
+from helpers import build_tiny_clip
 
 
 @pytest.fixture(scope="module")

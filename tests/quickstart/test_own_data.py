@@ -24,6 +24,7 @@ from cm3leon.quickstart.own_data import (
     min_records,
     run_own_data,
 )
+from helpers import build_tiny_clip
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,39 +161,10 @@ def test_every_layout_goes_through_the_same_command(tmp_path, digits, layout, ca
     assert "model directory:" in printed and (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
-def _tiny_clip(d: Path) -> Path:
-    """A randomly initialised tiny CLIP + tokenizer + image processor, saved like a local download."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip.tokenization_clip import CLIPTokenizer
-
-    try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor as Proc
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for t in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(t, len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.save_pretrained(d)
-    Proc(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(d)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=30, patch_size=6, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                           num_attention_heads=4),
-        projection_dim=16)).save_pretrained(d)
-    return d
-
-
 def test_a_local_clip_is_the_retrieval_encoder(tmp_path, digits):
     pytest.importorskip("transformers")
     data = _digits_module().write_layout(tmp_path / "digits", digits, "folder")
-    clip = _tiny_clip(tmp_path / "clip")
+    clip = build_tiny_clip(tmp_path / "clip")
     req = PlanRequest(source=Source(str(data), "folder", fingerprint(data)), smoke=True, clip=str(clip))
     n = torch.get_num_threads()
     torch.set_num_threads(1)

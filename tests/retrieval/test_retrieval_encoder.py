@@ -24,6 +24,7 @@ from cm3leon.retrieval.encoder import (
     train_dual_encoder,
 )
 from cm3leon.tokenize.text_bpe import TextTokenizer
+from helpers import build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,37 +40,8 @@ def random_images(n: int, size: tuple[int, int] = (40, 36), seed: int = 0) -> li
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A randomly initialized tiny CLIP + tokenizer + image processor, saved like a hub download."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip.tokenization_clip import CLIPTokenizer
-
-    try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor as Proc
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for t in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(t, len(vocab))
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    d = tmp_path_factory.mktemp("tiny_clip")
-    tok.save_pretrained(d)
-    Proc(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(image_size=30, patch_size=6, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16,
-    )
-    CLIPModel(cfg).save_pretrained(d)
-    return d
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), layers=2,
+                           merges=[("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r")])
 
 
 def reference_clip(d):
