@@ -450,7 +450,9 @@ def _stage_reranker(p: QuickstartPreset, data: dict[str, Any], text: dict[str, A
     return fn
 
 
-def _stage_index(p: QuickstartPreset, data: dict[str, Any], enc: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+def _stage_index(data: dict[str, Any], enc: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    """The stage that builds the retrieval memory bank (a flat FAISS index) over the training records."""
+
     def fn(d: Path) -> dict[str, Any]:
         from cm3leon.data.dataset import Dataset
         from cm3leon.retrieval.encoder import load_encoder
@@ -667,7 +669,7 @@ def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> 
     image = st.run("image_tokenizer", _stage_image_tokenizer(p, data, device), ("image_tokenizer",), after=("data",))
     enc = st.run("encoder", _stage_encoder(p, data, text, device), ("encoder_steps",),
                  inputs={"encoder_detailed_prob": ENCODER_DETAILED_PROB}, after=("data", "text_tokenizer"))
-    index = st.run("index", _stage_index(p, data, enc), after=("data", "encoder"))
+    index = st.run("index", _stage_index(data, enc), after=("data", "encoder"))
     shards = st.run("shards", _stage_shards(p, data, text, image, enc, index),
                     inputs={"pretrain_detailed_prob": PRETRAIN_DETAILED_PROB},
                     after=("text_tokenizer", "image_tokenizer", "index"))

@@ -45,6 +45,7 @@ from cm3leon.quickstart import (
     _interrupted,
     _load_tokenizers,
     _run_key,
+    _stage_index,
     _uint8_images,
 )
 from cm3leon.train.config import RunConfig
@@ -482,20 +483,6 @@ def _stage_encoder(p: OwnDataPlan, data: dict[str, Any], text: dict[str, Any],
         rec = text_to_image_recall(enc.embed_text([r.text for r in val]), enc.embed_image([r.image for r in val]),
                                    [r.text for r in val])
         return {"dir": str(d), "kind": "clip" if p.clip else "in-house", **rec}
-
-    return fn
-
-
-def _stage_index(data: dict[str, Any], enc: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
-    def fn(d: Path) -> dict[str, Any]:
-        from cm3leon.data.dataset import Dataset
-        from cm3leon.retrieval.encoder import load_encoder
-        from cm3leon.retrieval.index import build_bank
-
-        ds = Dataset(data["train"], columns=["id", "image", "text", "meta"])
-        build_bank(iter(ds), n=len(ds), encoder=load_encoder(enc["dir"]), out=d, factory="Flat",
-                   info={"data": data["train"], "encoder": enc["dir"]}, progress=True)
-        return {"dir": str(d), "n": len(ds)}
 
     return fn
 
