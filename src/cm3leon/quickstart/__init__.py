@@ -657,11 +657,17 @@ def run_quickstart(out: str | Path, preset: str | QuickstartPreset = "default", 
         return _run_stages(out, p, device=device, force=force)
 
 
-def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> dict[str, Any]:
+def _resolve_device(device: str) -> str:
+    """``auto`` as CUDA when available, else the CPU; on the CPU, ``CM3LEON_THREADS`` sets torch's threads."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and os.environ.get("CM3LEON_THREADS"):
-            torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
+    if device == "cpu" and os.environ.get("CM3LEON_THREADS"):
+        torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
+    return device
+
+
+def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> dict[str, Any]:
+    device = _resolve_device(device)
     t0 = time.perf_counter()
     st = Stages(out, p, device=device, force=force)
     data = st.run("data", _stage_data(p), ("n_train", "n_val"))

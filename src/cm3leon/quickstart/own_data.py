@@ -44,6 +44,7 @@ from cm3leon.quickstart import (
     _check_completed,
     _interrupted,
     _load_tokenizers,
+    _resolve_device,
     _run_key,
     _stage_index,
     _uint8_images,
@@ -585,10 +586,7 @@ def run_own_data(out: str | Path, req: PlanRequest, *, device: str = "auto", for
 
 
 def _run(out: Path, req: PlanRequest, *, device: str, force: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("CM3LEON_THREADS"):
-        torch.set_num_threads(int(os.environ["CM3LEON_THREADS"]))
+    device = _resolve_device(device)
     t0 = time.perf_counter()
     st = Stages(out, req, device=device, force=force)
     data = st.run("data", _stage_data(req), ("source", "image_size"),
