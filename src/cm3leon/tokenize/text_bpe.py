@@ -32,6 +32,17 @@ N_BYTES = 256
 
 
 
+def write_tokenizer_dir(directory: str | Path, tok: Tokenizer, *, kind: str, format_version: int,
+                        vocab_size: int) -> None:
+    """Write ``tok`` as ``tokenizer.json`` plus a ``tokenizer_config.json`` naming its kind, format
+    version and vocabulary size into ``directory`` (atomic per file)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(d / TOKENIZER_FILE, tok.to_str(pretty=False))
+    cfg = {"kind": kind, "format_version": format_version, "vocab_size": vocab_size}
+    atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+
+
 class TextTokenizer:
     """Byte-level BPE over HF ``tokenizers``; local ids only, never special tokens."""
 
@@ -112,11 +123,8 @@ class TextTokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory`` (atomic per file)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=False))
-        cfg = {"kind": KIND, "format_version": FORMAT_VERSION, "vocab_size": self.vocab_size}
-        atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+        write_tokenizer_dir(directory, self._tok, kind=KIND, format_version=FORMAT_VERSION,
+                            vocab_size=self.vocab_size)
 
     # ---- use -----------------------------------------------------------------------
     @property

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from cm3leon.config import atomic_write_text
-from cm3leon.tokenize.text_bpe import CONFIG_FILE, TOKENIZER_FILE, TextTokenizer
+from cm3leon.tokenize.text_bpe import CONFIG_FILE, TOKENIZER_FILE, TextTokenizer, write_tokenizer_dir
 
 KIND = "hf-tokenizers"
 FORMAT_VERSION = 1
@@ -47,11 +46,8 @@ class HFTextTokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (kind ``hf-tokenizers``) into ``directory``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=False))
-        cfg = {"kind": KIND, "format_version": FORMAT_VERSION, "vocab_size": self.vocab_size}
-        atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+        write_tokenizer_dir(directory, self._tok, kind=KIND, format_version=FORMAT_VERSION,
+                            vocab_size=self.vocab_size)
 
     @property
     def vocab_size(self) -> int:
