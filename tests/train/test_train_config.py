@@ -126,3 +126,20 @@ def test_sft_recipe_follows_table_4():
     assert t.lr == 5e-5 and t.warmup_steps == 150
     assert t.batch_plan(4096, 128).tokens_per_step == 2 * 2**20
     assert t.steps * 2 * 2**20 == pytest.approx(30e9, rel=1e-4)
+
+
+def test_auto_precision_trains_in_bf16_where_the_device_multiplies_in_bf16(monkeypatch):
+    import torch
+
+    from cm3leon.train import config as train_config
+
+    cfg = TrainConfig(steps=1, batch_size=1)
+    assert cfg.uses_bf16("cuda")
+    assert not TrainConfig(steps=1, batch_size=1, precision="fp32").uses_bf16("cuda")
+    assert TrainConfig(steps=1, batch_size=1, precision="bf16").uses_bf16("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cfg.uses_bf16("cpu") and train_config.cpu_has_bf16_matmul()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not cfg.uses_bf16("cpu")
+    assert not cfg.uses_bf16("mps")

@@ -149,13 +149,14 @@ PRESETS: dict[str, QuickstartPreset] = {
     ),
     # The evaluated prompts have one or two objects: a world of 1-2 objects with captions in
     # reading order (the order a raster-scan decoder draws them in) trains better at the same
-    # compute. 4800 records give 57,600 SFT examples: fewer are seen about twice by a long SFT
-    # and overfit. A 150-step re-ranker picks as well as a 250-step one (docs/results.md).
+    # compute. SFT examples come from all 16000 records (192,000 examples): the 1440 SFT steps
+    # see each about once; fewer records are seen repeatedly and overfit. A 150-step re-ranker
+    # picks as well as a 250-step one (docs/results.md).
     "default": QuickstartPreset(
         name="default", n_train=16000, n_val=256, world=ShapesConfig(size=32, snap=4, max_objects=2,
                                                                      caption_order="reading"),
         text_vocab=512, image_tokenizer=ImageTokenizerStage(steps=1200), encoder_steps=120, reranker_steps=150,
-        pretrain="quickstart", sft="sft-quickstart", sft_records=4800,
+        pretrain="quickstart", sft="sft-quickstart", sft_records=16000,
     ),
     "gpu": QuickstartPreset(
         name="gpu", n_train=100000, n_val=512, world=ShapesConfig(size=32, snap=4), text_vocab=512,
@@ -712,8 +713,10 @@ def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> 
 
 
 def _run_key(run: RunConfig) -> dict[str, Any]:
-    """A run config as a stage input: without its absolute paths (a moved workspace is reused)."""
+    """A run config as a stage input: without its absolute paths (a moved workspace is reused),
+    with the precision it resolves to on its device (``auto`` trains in bf16 on some CPUs only)."""
     d = run.to_dict()
     d.pop("init_from", None)
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "val")}
+    d["bf16"] = run.train.uses_bf16(run.train.device)
     return d

@@ -112,7 +112,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # default: micro_batch
     ckpt_every: int = 500  # 0: only at exit
     keep_last: int = 2
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16 matmul, else fp32
     device: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
@@ -159,6 +159,17 @@ class TrainConfig:
             )
         if problems:
             raise ConfigError("TrainConfig", problems)
+
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether the run trains under bf16 autocast on ``device_type``: ``precision`` bf16, or
+        ``auto`` on CUDA or on a CPU with native bf16 matrix products (AVX512-BF16 or AMX), where
+        the quickstart's training steps run 1.4-1.8x faster than in fp32 (benchmarks/
+        bench_train_step.py); other CPUs emulate bf16 and stay in fp32."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        if device_type == "cuda":
+            return True
+        return device_type == "cpu" and cpu_has_bf16_matmul()
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay to ``min_lr``."""
@@ -409,3 +420,12 @@ class RunConfig:
 
         data = dataclasses.replace(self.data, train=res(self.data.train), val=res(self.data.val))
         return dataclasses.replace(self, data=data, init_from=res(self.init_from))
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True on an x86 CPU with AVX512-BF16 or AMX tiles."""
+    import torch
+
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))

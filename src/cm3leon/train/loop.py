@@ -315,15 +315,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 
 def _autocast(cfg: TrainConfig, ctx: DistContext) -> contextlib.AbstractContextManager[Any]:
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    bf16 = cfg.uses_bf16(ctx.device.type)
     if not bf16 or ctx.strategy == "fsdp2" and ctx.distributed:  # FSDP2 casts via its MixedPrecisionPolicy
         return contextlib.nullcontext()
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
 
 
 def _fsdp_param_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype | None:
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
-    return torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if cfg.uses_bf16(ctx.device.type) else None
 
 
 def _full_model_state(model: nn.Module, ctx: DistContext, *, trainable_only: bool = False) -> dict[str, Tensor]:

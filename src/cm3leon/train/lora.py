@@ -374,7 +374,7 @@ def attach_lora_for_run(model: nn.Module, spec: LoraSpec, train_cfg: Any, ctx: A
                         ckpt: Any = None) -> nn.Module:
     """Attach ``spec``'s adapters to a run's loaded base (bf16 base when the run trains in bf16
     and ``spec`` allows it); on resume, check the checkpoint's spec and load its adapters."""
-    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and ctx.device.type == "cuda")
+    bf16 = train_cfg.uses_bf16(ctx.device.type)
     model = attach_lora(model, spec, base_dtype=resolve_base_dtype(spec, bf16))
     if ckpt is not None:
         saved = ckpt.state.get("lora")

@@ -220,7 +220,7 @@ def log_memory_plan(model_config: Any, *, seq_len: int, micro_batch: int, train_
     """Log (and return) the memory plan table of a run, its own row marked."""
     from cm3leon.train.lora import LoraSpec
 
-    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device_type == "cuda")
+    bf16 = train_cfg.uses_bf16(device_type)
     shape = ModelShape.from_config(model_config)
     fsdp = train_cfg.dist == "fsdp2" and world_size > 1
     table = memory_table(shape, seq_len=seq_len, micro_batch=micro_batch, lora=lora or LoraSpec(), bf16=bf16,
