@@ -84,7 +84,7 @@ def test_plan_for_the_paper_7b_recipe_and_chameleon_7b():
 def test_the_run_logs_its_plan(caplog):
     cfg = ModelConfig.from_name("tiny", vocab_size=300)
     with caplog.at_level("INFO", logger="cm3leon.train.memory"):
-        table = log_memory_plan(cfg, seq_len=64, micro_batch=2, train_cfg=TrainConfig(), world_size=1,
+        table = log_memory_plan(cfg, seq_len=64, micro_batch=2, train_cfg=TrainConfig(precision="fp32"), world_size=1,
                                 lora=LoraSpec(r=4))
     assert "memory plan per rank" in caplog.text and "*LoRA " in table and "fp32" in caplog.text
 

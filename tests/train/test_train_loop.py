@@ -42,7 +42,8 @@ def _single_thread():
 
 def cfg(**kw) -> TrainConfig:
     base = dict(steps=8, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=2, log_every=1,
-                eval_every=0, eval_batches=1, ckpt_every=3, keep_last=10, unigram_samples=8)
+                eval_every=0, eval_batches=1, ckpt_every=3, keep_last=10, unigram_samples=8,
+                precision="fp32")  # the fp32 references below; a CPU with bf16 matmul would train in bf16
     base.update(kw)
     return TrainConfig(**base)
 

@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
                    "to show the run-to-run spread")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: CUDA when available)")
     p.add_argument("--sft-steps", type=int, default=None,
-                   help="SFT steps (default: the SFT recipe's; 480 for default); the recipe scales its schedule to "
+                   help="SFT steps (default: the SFT recipe's; 1440 for default); the recipe scales its schedule to "
                    "them. A rerun with other steps redoes only SFT and its evaluation")
     p.add_argument("--sft-mix", default=None, choices=["default", "copy"],
                    help="SFT task shares (default: the recipe's). copy: shares shifted to editing, edge/seg/depth-to-"
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
                    "docs/results.md: --sft-steps 3840 --sft-mix copy --sft-records 16000")
     p.add_argument("--sft-records", type=int, default=None,
                    help="Shapes train records the SFT examples are built from, 12 tasks each (default: the preset's; "
-                   "4800 for default). Redoes the SFT examples, SFT and its evaluation")
+                   "16000 for default). Redoes the SFT examples, SFT and its evaluation")
     p.set_defaults(func=_run)
 
 

@@ -681,7 +681,7 @@ def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> 
                     inputs={"pretrain_detailed_prob": PRETRAIN_DETAILED_PROB},
                     after=("text_tokenizer", "image_tokenizer", "index"))
     pre_run = p.pretrain_run(out, device)
-    pre = st.run("pretrain", _stage_train("pretraining", pre_run, None), inputs={"run": _run_key(pre_run)},
+    pre = st.run("pretrain", _stage_train("pretraining", pre_run, None), inputs=_train_inputs(pre_run),
                  after=("shards",), complete=lambda r: r.get("steps") == pre_run.train.steps)
     reranker = None
     if p.reranker_steps:
@@ -698,7 +698,7 @@ def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> 
     st.run("sft_shards", _stage_sft_shards(p, data, text, image), ("sft_records",),
                         after=("text_tokenizer", "image_tokenizer"))
     sft_run = p.sft_run(out, device)
-    sft = st.run("sft", _stage_train("SFT", sft_run, pre["dir"]), inputs={"run": _run_key(sft_run)},
+    sft = st.run("sft", _stage_train("SFT", sft_run, pre["dir"]), inputs=_train_inputs(sft_run),
                  after=("pretrain", "sft_shards"), complete=lambda r: r.get("steps") == sft_run.train.steps)
     sft_dir = st.run("model", _stage_assemble("sft", text, image, enc, index, shards, sft, reranker),
                      inputs={"generation": SHAPES_GENERATION}, after=("sft", *with_reranker))
@@ -713,10 +713,14 @@ def _run_stages(out: Path, p: QuickstartPreset, *, device: str, force: bool) -> 
 
 
 def _run_key(run: RunConfig) -> dict[str, Any]:
-    """A run config as a stage input: without its absolute paths (a moved workspace is reused),
-    with the precision it resolves to on its device (``auto`` trains in bf16 on some CPUs only)."""
+    """A run config as a stage input: without its absolute paths (a moved workspace is reused)."""
     d = run.to_dict()
     d.pop("init_from", None)
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("train", "val")}
-    d["bf16"] = run.train.uses_bf16(run.train.device)
     return d
+
+
+def _train_inputs(run: RunConfig) -> dict[str, Any]:
+    """A training stage's inputs: its run config and the precision that resolves to on its device
+    (``auto`` trains in bf16 on some CPUs only)."""
+    return {"run": _run_key(run), "bf16": run.train.uses_bf16(run.train.device)}

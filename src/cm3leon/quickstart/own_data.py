@@ -45,8 +45,8 @@ from cm3leon.quickstart import (
     _interrupted,
     _load_tokenizers,
     _resolve_device,
-    _run_key,
     _stage_index,
+    _train_inputs,
     _uint8_images,
 )
 from cm3leon.train.config import RunConfig
@@ -605,13 +605,13 @@ def _run(out: Path, req: PlanRequest, *, device: str, force: bool, echo: Callabl
     shards = st.run("shards", _stage_shards(p, data, text, image, enc, index), ("n_retrieved", "duplicates"),
                     after=("text_tokenizer", "image_tokenizer", "index"))
     pre_run = p.pretrain_run(out, device)
-    pre = st.run("pretrain", _stage_train("pretraining", pre_run, None), inputs={"run": _run_key(pre_run)},
+    pre = st.run("pretrain", _stage_train("pretraining", pre_run, None), inputs=_train_inputs(pre_run),
                  after=("shards",), complete=lambda r: r.get("steps") == pre_run.train.steps)
     final, final_stage = pre, "pretrain"
     if p.sft_steps:
         st.run("sft_shards", _stage_sft_shards(data, text, image), after=("text_tokenizer", "image_tokenizer"))
         sft_run = p.sft_run(out, device)
-        final = st.run("sft", _stage_train("SFT", sft_run, pre["dir"]), inputs={"run": _run_key(sft_run)},
+        final = st.run("sft", _stage_train("SFT", sft_run, pre["dir"]), inputs=_train_inputs(sft_run),
                        after=("pretrain", "sft_shards"), complete=lambda r: r.get("steps") == sft_run.train.steps)
         final_stage = "sft"
     model = st.run("model", _stage_model(text, image, enc, index, shards, final, OWN_DATA_GENERATION, out),
